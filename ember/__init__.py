@@ -1,0 +1,1 @@
+"""EMBER: embedding erasure framework."""

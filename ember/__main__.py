@@ -1,0 +1,34 @@
+"""The Hydra entry point: ``python -m ember [overrides]`` runs one job; ``-m`` sweeps.
+
+``python -m ember --cfg job`` prints the composed config; ``python -m ember.report <dir>`` turns
+a sweep directory into tables and plots.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import hydra
+from omegaconf import DictConfig
+
+import ember.config  # noqa: F401  (registers the schemas and resolvers)
+from ember.errors import EmberError
+from ember.paths import CONF_DIR
+
+log = logging.getLogger("ember")
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def main(cfg: DictConfig) -> float | None:
+    from ember.pipeline import run_job
+
+    try:
+        return run_job(cfg)
+    except EmberError as exc:
+        log.error("error: %s", exc)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":
+    sys.exit(main())

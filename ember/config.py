@@ -1,0 +1,254 @@
+"""Typed config schemas (Hydra ConfigStore) and checks that fail at start, naming the key.
+
+Each config group in ``conf/`` is validated against a dataclass here, so a mistyped key or a
+value of the wrong type fails when Hydra composes the config. Range checks that a type cannot
+express (a negative delta, a sparsity outside (0, 1]) live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from ember.errors import ConfigError
+from ember.paths import CONF_DIR, register_resolvers
+
+register_resolvers()
+
+
+@dataclass
+class TinyModelConfig:
+    d_model: int = 64
+    d_mlp: int = 128
+    n_layers: int = 2
+    n_heads: int = 4
+    seed: int = 0
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    source: str = "packaged"  # packaged | hub | tiny_random
+    hub_id: str | None = None
+    package: str | None = None
+    gguf_file: str | None = None
+    assemble: str | None = None  # "module:function" returning the GGUF path
+    arch: str | None = None  # tiny_random only: llama | gemma3
+    tokenizer_from: str | None = None  # tiny_random only: a model preset whose tokenizer to use
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    dtype: str = "float32"
+    device: str = "auto"
+    use_chat_template: bool = True
+    untie_embeddings: bool = True
+    size_class: str = "small"  # small (packaged, CPU) | large (paper models): picks size-dependent defaults
+
+
+@dataclass
+class ConceptsConfig:
+    source: str = "starter"  # starter | release
+    names: list[str] = field(default_factory=lambda: ["Harry Potter"])  # empty list = every concept found
+
+
+@dataclass
+class DataConfig:
+    release_dir: str = "${ember_root:}/../shared/ember-release"
+    starter_dir: str = "${ember_pkg:}/data/starter"
+    option_seed: int = 42
+    neutral_seed: int = 42
+
+
+@dataclass
+class SelectorConfig:
+    name: str = "ratio"  # ratio | purity | semantic | llm | exclusivity | combined
+    ratio_thresh: float = 2.0
+    purity_thresh: float = 0.5
+    semantic_thresh: float = 0.35
+    semantic_top_tokens: int = 20
+    exclusivity_thresh: float = 0.5
+    llm_endpoint: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    llm_confidence: float = 0.85
+    llm_top_tokens: int = 20
+
+
+@dataclass
+class FactorizationConfig:
+    rank: int = 100
+    sparsity: float = 0.01
+    reg: float = 1e-4
+    reg_tries: int = 4
+    tol: float = 1e-4
+    patience: int = 500
+    max_iter: int = 20000
+    stopping: str = "plateau"  # reference (absolute tol + patience) | plateau (relative, short patience)
+    plateau_rel_tol: float = 1e-4
+    plateau_patience: int = 25
+    seed: int = 42
+    device: str = "auto"
+
+
+@dataclass
+class EmberConfig:
+    enabled: bool = True
+    factorization: FactorizationConfig = field(default_factory=FactorizationConfig)
+    selector: SelectorConfig = field(default_factory=SelectorConfig)
+    background: list[str] = field(default_factory=lambda: ["neutral"])  # neutral | other_concepts
+    delta: float | None = None  # fixed delta; null = pick from delta_grid once per concept (cached)
+    delta_grid: list[float] = field(default_factory=lambda: [0.5, 1.0, 2.0, 5.0, 10.0, 50.0, 100.0, 200.0])
+    retention_gate: float = 0.9
+    coherence_gate: float = 0.9
+
+
+@dataclass
+class MethodConfig:
+    name: str = "none"
+    params: dict[str, Any] = field(default_factory=dict)
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    quick_grid: dict[str, list[Any]] = field(default_factory=dict)
+    search: str = "none"  # none (use params) | quick | full
+    top_k_validate: int = 15
+    retention_gate: float = 0.7
+
+
+@dataclass
+class EvalConfig:
+    mc_mode: str = "loglik"  # loglik | letter
+    prompt_template: str = "Question: {q}\nAnswer:"
+    batch_size: int = 16
+    max_questions: int | None = None  # per split; null = all
+    open_qa: bool = True
+    open_judge: str = "local"  # local | llm
+    open_max_new_tokens: int = 24
+    f1_threshold: float = 0.5
+    llm_endpoint: str | None = None
+    llm_model: str = "gpt-4o-mini"
+    coherence: bool = True
+    coherence_n: int = 30
+    coherence_max_new_tokens: int = 40
+    perplexity: bool = True
+    perplexity_n: int = 60
+    lm_eval_tasks: list[str] = field(default_factory=list)
+    lm_eval_limit: int | None = None
+
+
+@dataclass
+class RelearnConfig:
+    name: str = "none"  # none | full | lora
+    epochs: int = 2
+    max_paragraphs: int = 100
+    batch_size: int = 1
+    max_length: int = 256
+    lr: float = 1e-5
+    weight_decay: float = 0.01
+    lora_rank: int = 16
+    lora_alpha: int = 16
+    lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    max_grad_norm: float = 1.0
+    divergence_factor: float = 20.0
+
+
+@dataclass
+class LoggerConfig:
+    name: str = "none"  # none | wandb
+    project: str = "ember"
+    entity: str | None = None
+    mode: str = "offline"  # offline | online | disabled
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RunConfig:
+    """The root config. Groups compose into the typed fields below."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    concepts: ConceptsConfig = field(default_factory=ConceptsConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    ember: EmberConfig = field(default_factory=EmberConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    attacks: dict[str, Any] = field(default_factory=dict)
+    relearn: RelearnConfig = field(default_factory=RelearnConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 42
+    overwrite: bool = False
+    cache_dir: str = "${oc.env:EMBER_CACHE,${oc.env:HOME}/.cache/ember}"
+    stages: list[str] = field(
+        default_factory=lambda: ["baseline", "features", "erase", "evaluate", "attacks", "relearn"]
+    )
+    progress: bool = True
+    experiment_name: str = "default"
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="run_schema", node=RunConfig)
+
+
+register_configs()
+
+
+# --------------------------------------------------------------------------------------------------
+# range checks
+
+
+def _require(cond: bool, key: str, value: Any, fix: str) -> None:
+    if not cond:
+        raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def validate(cfg: DictConfig | RunConfig) -> None:
+    """Check values a type cannot express; raise ConfigError naming the key and the fix."""
+    f = cfg.ember.factorization
+    _require(f.rank >= 1, "ember.factorization.rank", f.rank, "use a positive integer (e.g. 100)")
+    _require(0.0 < f.sparsity <= 1.0, "ember.factorization.sparsity", f.sparsity, "use a fraction in (0, 1], e.g. 0.01")
+    _require(f.reg > 0, "ember.factorization.reg", f.reg, "use a positive ridge term, e.g. 1e-4")
+    _require(f.reg_tries >= 1, "ember.factorization.reg_tries", f.reg_tries, "use at least 1")
+    _require(f.max_iter >= 1, "ember.factorization.max_iter", f.max_iter, "use at least 1")
+    _require(f.patience >= 1, "ember.factorization.patience", f.patience, "use at least 1")
+    _require(f.stopping in ("reference", "plateau"), "ember.factorization.stopping", f.stopping, "use 'reference' or 'plateau'")
+    e = cfg.ember
+    if e.delta is not None:
+        _require(e.delta >= 0, "ember.delta", e.delta, "use a non-negative number, or null to pick from ember.delta_grid")
+    _require(len(e.delta_grid) > 0, "ember.delta_grid", list(e.delta_grid), "give at least one delta")
+    _require(all(d >= 0 for d in e.delta_grid), "ember.delta_grid", list(e.delta_grid), "deltas must be non-negative")
+    _require(0 <= e.retention_gate <= 1, "ember.retention_gate", e.retention_gate, "use a fraction in [0, 1]")
+    for b in e.background:
+        _require(b in ("neutral", "other_concepts", "general"), "ember.background", list(e.background),
+                 "each entry must be one of neutral, other_concepts, general")
+    _require(cfg.concepts.source in ("starter", "release"), "concepts.source", cfg.concepts.source,
+             "use 'starter' (shipped) or 'release' (data.release_dir)")
+    _require(cfg.eval.mc_mode in ("loglik", "letter"), "eval.mc_mode", cfg.eval.mc_mode, "use 'loglik' or 'letter'")
+    _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use a positive integer")
+    _require("{q}" in cfg.eval.prompt_template, "eval.prompt_template", cfg.eval.prompt_template, "it must contain '{q}'")
+    _require(cfg.relearn.name in ("none", "full", "lora"), "relearn.name", cfg.relearn.name, "use none, full or lora")
+    _require(cfg.relearn.epochs >= 1, "relearn.epochs", cfg.relearn.epochs, "use at least 1")
+    _require(cfg.relearn.lr > 0, "relearn.lr", cfg.relearn.lr, "use a positive learning rate")
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode, "use offline, online or disabled")
+    from ember.stages import STAGES
+
+    for s in cfg.stages:
+        _require(s in STAGES, "stages", list(cfg.stages), f"each stage must be one of {list(STAGES)}")
+
+
+def validate_against_model(cfg: DictConfig | RunConfig, d_model: int) -> None:
+    """Checks that need the loaded model's size."""
+    rank = cfg.ember.factorization.rank
+    _require(rank <= d_model, "ember.factorization.rank", rank,
+             f"the rank must not exceed the model's d_model ({d_model}); the paper uses 100-200")
+
+
+def model_preset(name: str) -> DictConfig:
+    """The ``conf/model/<name>.yaml`` preset merged onto the schema (for code outside a Hydra run)."""
+    path = CONF_DIR / "model" / f"{name}.yaml"
+    if not path.exists():
+        known = sorted(p.stem for p in (CONF_DIR / "model").glob("*.yaml"))
+        raise ConfigError(f"model preset '{name}' not found in {path.parent}; known presets: {known}")
+    return OmegaConf.merge(OmegaConf.structured(ModelConfig), OmegaConf.load(path))
+
+
+def resolve_path(p: str | Path) -> Path:
+    return Path(p).expanduser().resolve()

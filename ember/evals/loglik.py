@@ -1,0 +1,117 @@
+"""Batched log-likelihood of continuations given contexts, computed only where it is needed.
+
+The vocabulary projection is applied only at continuation positions: Gemma-3's 262,144-token
+vocabulary makes full-sequence logits about 1 GB per batch, while the positions that matter are a
+handful per question. Tokenisation follows lm-eval's convention (encode context+continuation
+whole, the continuation is what follows the encoded context; a BOS token is prepended for Gemma
+families), so the scores agree with lm-eval's multiple_choice on the same model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+
+@dataclass
+class Scored:
+    loglik: float  # summed log-probability of the continuation
+    n_tokens: int
+    n_chars: int
+    greedy: bool  # every continuation token is the argmax
+
+
+def wants_bos(model: nn.Module, tokenizer: Any) -> bool:
+    family = str(getattr(getattr(model, "config", None), "model_type", ""))
+    return family.startswith("gemma") and tokenizer.bos_token_id is not None
+
+
+def encode_pair(tokenizer: Any, context: str, continuation: str, bos: bool) -> tuple[list[int], list[int]]:
+    n_spaces = len(context) - len(context.rstrip())
+    if n_spaces:
+        continuation = context[-n_spaces:] + continuation
+        context = context[:-n_spaces]
+    whole = tokenizer(context + continuation, add_special_tokens=False)["input_ids"]
+    ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+    cont = whole[len(ctx):]
+    if not cont:  # tokenizer merged the boundary: fall back to separate encodings
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        ctx = whole[: len(whole) - len(cont)] if len(whole) > len(cont) else ctx
+    if bos:
+        ctx = [tokenizer.bos_token_id] + ctx
+    return ctx, cont
+
+
+def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    logits = model.get_output_embeddings()(hidden)
+    cap = getattr(model.config, "final_logit_softcapping", None)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return logits
+
+
+def _base_model(model: nn.Module) -> nn.Module:
+    base = getattr(model, "model", None)
+    if base is None:
+        raise RuntimeError(f"{type(model).__name__} has no .model backbone")
+    return base
+
+
+@torch.no_grad()
+def score_continuations(
+    model: nn.Module,
+    tokenizer: Any,
+    pairs: Sequence[tuple[str, str]],
+    batch_size: int = 16,
+    progress: bool = False,
+    desc: str = "loglik",
+) -> list[Scored]:
+    """Score each (context, continuation) pair; batches are sorted by length for little padding."""
+    bos = wants_bos(model, tokenizer)
+    encoded = [encode_pair(tokenizer, c, x, bos) for c, x in pairs]
+    order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
+    results: list[Scored | None] = [None] * len(encoded)
+    device = next(model.parameters()).device
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    base = _base_model(model)
+    batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+    for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
+        seqs = [encoded[i][0] + encoded[i][1] for i in batch]
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attn = torch.zeros((len(batch), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, : len(s)] = torch.tensor(s)
+            attn[r, : len(s)] = 1
+        hidden = base(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
+        # gather the hidden states that predict each continuation token
+        rows, cols, targets, owners = [], [], [], []
+        for r, i in enumerate(batch):
+            ctx, cont = encoded[i]
+            for j, tok in enumerate(cont):
+                rows.append(r)
+                cols.append(len(ctx) + j - 1)
+                targets.append(tok)
+                owners.append(r)
+        h = hidden[torch.tensor(rows, device=device), torch.tensor(cols, device=device)]
+        logp = torch.log_softmax(_final_logits(model, h).float(), dim=-1)
+        tgt = torch.tensor(targets, device=device)
+        tok_lp = logp.gather(1, tgt[:, None]).squeeze(1)
+        is_greedy = logp.argmax(-1) == tgt
+        owner_t = torch.tensor(owners, device=device)
+        sums = torch.zeros(len(batch), device=device).index_add_(0, owner_t, tok_lp)
+        greedy_counts = torch.zeros(len(batch), device=device).index_add_(0, owner_t, is_greedy.float())
+        for r, i in enumerate(batch):
+            n_tok = len(encoded[i][1])
+            results[i] = Scored(
+                loglik=float(sums[r]),
+                n_tokens=n_tok,
+                n_chars=len(pairs[i][1]),
+                greedy=bool(greedy_counts[r] == n_tok),
+            )
+    return [r for r in results if r is not None]

@@ -1,0 +1,107 @@
+"""Every config composes; mistyped keys and bad values fail at start naming the key."""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+from hydra.errors import ConfigCompositionException
+
+from ember.config import validate
+from ember.errors import ConfigError
+from ember.paths import CONF_DIR, job_tag
+from tests.conftest import compose
+
+GROUPS = ["model", "concepts", "ember", "method", "eval", "relearn", "logger"]
+
+
+def options(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_every_option_composes_and_validates(group: str) -> None:
+    opts = options(group)
+    assert opts, f"conf/{group} is empty"
+    for opt in opts:
+        cfg = compose([f"{group}={opt}"])
+        validate(cfg)
+        assert cfg[group] is not None
+
+
+def test_every_experiment_composes() -> None:
+    exps = options("experiment")
+    for exp in exps:
+        cfg = compose([f"experiment={exp}"])
+        validate(cfg)
+
+
+def test_defaults_are_the_main_job() -> None:
+    cfg = compose()
+    assert cfg.model.name == "smollm2_135m"
+    assert cfg.concepts.source == "starter" and list(cfg.concepts.names) == ["Harry Potter"]
+    assert cfg.ember.enabled is True
+
+
+def test_ember_on_off_and_method_combinations_compose() -> None:
+    for ember, method in itertools.product(options("ember"), options("method")):
+        cfg = compose([f"ember={ember}", f"method={method}"])
+        assert cfg.method.name == method
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("ember.factorization.rnk=3", "rnk"),
+        ("model.dtyp=float32", "dtyp"),
+        ("eval.mc_mod=letter", "mc_mod"),
+    ],
+)
+def test_mistyped_key_names_the_key(override: str, key: str) -> None:
+    with pytest.raises(ConfigCompositionException) as exc:
+        compose([override])
+    assert key in str(exc.value) or key in str(exc.value.__cause__)
+
+
+@pytest.mark.parametrize(
+    "override",
+    ["ember.factorization.rank=abc", "seed=1.5x", "eval.batch_size=many", "ember.enabled=maybe"],
+)
+def test_wrong_type_fails_at_compose(override: str) -> None:
+    with pytest.raises(ConfigCompositionException) as exc:
+        compose([override])
+    assert override.split("=")[0].split(".")[-1] in str(exc.value.__cause__) + str(exc.value)
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [
+        ("ember.factorization.sparsity=0", "ember.factorization.sparsity"),
+        ("ember.factorization.sparsity=1.5", "ember.factorization.sparsity"),
+        ("ember.factorization.rank=0", "ember.factorization.rank"),
+        ("ember.delta=-1", "ember.delta"),
+        ("ember.delta_grid=[]", "ember.delta_grid"),
+        ("eval.mc_mode=guess", "eval.mc_mode"),
+        ("relearn.lr=0", "relearn.lr"),
+        ("concepts.source=internet", "concepts.source"),
+        ("stages=[baseline,dance]", "stages"),
+    ],
+)
+def test_out_of_range_value_names_the_key(override: str, key: str) -> None:
+    cfg = compose([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        validate(cfg)
+
+
+def test_unknown_group_option_lists_the_choices() -> None:
+    with pytest.raises(ConfigCompositionException) as exc:
+        compose(["model=gpt5"])
+    assert "smollm2_135m" in str(exc.value)
+
+
+def test_job_tag_is_readable_and_safe() -> None:
+    assert job_tag("") == "defaults"
+    assert job_tag("ember=off,method=ga") == "ember=off,method=ga"
+    assert "/" not in job_tag("data.release_dir=/a/b")
+    long = job_tag("x=" + "a" * 300)
+    assert len(long) <= 120 and long != job_tag("x=" + "a" * 299 + "b")
