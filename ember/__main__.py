@@ -23,10 +23,15 @@ log = logging.getLogger("ember")
 def main(cfg: DictConfig) -> float | None:
     from ember.pipeline import run_job
 
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
     try:
         return run_job(cfg)
     except EmberError as exc:
         log.error("error: %s", exc)
+        if HydraConfig.get().mode == RunMode.MULTIRUN:
+            raise  # recorded by Hydra and by the sweep summary; the other jobs go on
         raise SystemExit(2) from None
 
 

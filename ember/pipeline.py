@@ -1,15 +1,33 @@
-"""A job's stages and their resumable result files (grows as stages land)."""
+"""A job's stages and their resumable result files.
+
+One job = one (model, method, EMBER on/off, seed) cell over a list of concepts; each concept goes
+through ``baseline -> features -> erase -> evaluate -> attacks -> relearn`` from a fresh copy of
+the unedited model. Every stage writes ``<job>/<concept>/<stage>.json`` atomically with a status
+(plus CSVs where useful); a rerun skips stages already complete unless ``overwrite=true``. The
+erased model is rebuilt deterministically when a later stage still has to run.
+"""
 
 from __future__ import annotations
 
+import copy
 import logging
+import math
+import time
+import traceback
 from pathlib import Path
+from typing import Any
 
+import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from ember.config import validate
-from ember.data import open_store, starter_store
+from ember.cache import ArtifactCache
+from ember.config import validate, validate_against_model
+from ember.data import ConceptData, ConceptStore, open_store, starter_store
+from ember.errors import EmberError
+from ember.locking import atomic_write_json, atomic_write_text
+from ember.seeding import seed_everything
+from ember.tracking import JobFiles, WandbLogger
 
 log = logging.getLogger("ember")
 
@@ -18,43 +36,386 @@ def job_dir() -> Path:
     try:
         return Path(HydraConfig.get().runtime.output_dir)
     except ValueError:
-        return Path.cwd()
+        return Path.cwd() / "outputs" / "adhoc"
+
+
+def job_overrides() -> list[str]:
+    try:
+        return list(HydraConfig.get().overrides.task)
+    except ValueError:
+        return []
 
 
 def config_summary(cfg: DictConfig) -> str:
     m, e = cfg.model, cfg.ember
     ember_txt = (f"on (K={e.factorization.rank}, sparsity={e.factorization.sparsity}, selector={e.selector.name}, "
                  f"delta={'grid ' + str(list(e.delta_grid)) if e.delta is None else e.delta})" if e.enabled else "off")
-    lines = [
+    attacks = list(cfg.attacks.get("enabled", [])) if cfg.attacks else []
+    return "\n".join([
         f"model      {m.name} ({m.source}, {m.dtype}, device={m.device})",
         f"concepts   {cfg.concepts.source}: {list(cfg.concepts.names) or 'all'}",
         f"ember      {ember_txt}",
-        f"method     {cfg.method.name}",
+        f"method     {cfg.method.name} {OmegaConf.to_container(cfg.method.params) or ''}",
         f"eval       mc={cfg.eval.mc_mode}, open_qa={cfg.eval.open_qa}, coherence={cfg.eval.coherence}",
+        f"attacks    {attacks}",
         f"relearn    {cfg.relearn.name}",
         f"logger     {cfg.logger.name}",
         f"seed       {cfg.seed}",
-        f"stages     {list(cfg.stages)}",
-    ]
-    return "\n".join(lines)
+    ])
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+class ConceptRun:
+    """The stages for one concept within a job."""
+
+    def __init__(self, cfg: DictConfig, lm: Any, store: ConceptStore, starter: ConceptStore, concept: ConceptData,
+                 files: JobFiles, cache: ArtifactCache, logger: WandbLogger):
+        self.cfg, self.lm, self.store, self.starter, self.concept = cfg, lm, store, starter, concept
+        self.files, self.cache, self.logger = files, cache, logger
+        self.slug = concept.slug
+        self.work: torch.nn.Module | None = None
+        self.edited_ids: list[int] = []
+        self.timings: dict[str, float] = {}
+
+    # -- helpers -------------------------------------------------------------------------------
+    def _want(self, stage: str) -> bool:
+        return stage in self.cfg.stages
+
+    def _done(self, stage: str) -> bool:
+        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage)
+
+    def _finish(self, stage: str, result: dict[str, Any], t0: float, status: str = "complete") -> dict[str, Any]:
+        result = {**result, "seconds": round(time.perf_counter() - t0, 3)}
+        self.timings[stage] = result["seconds"]
+        self.files.write_stage(self.slug, stage, result, status)
+        metrics = result.get("metrics") or {}
+        self.logger.summary(f"{self.slug}/{stage}", metrics)
+        log.info("[%s] %s %s in %.1fs", self.concept.name, stage, status, result["seconds"])
+        return result
+
+    def _progress(self) -> bool:
+        import sys
+
+        return bool(self.cfg.progress) and sys.stderr.isatty()
+
+    def background(self) -> list[str]:
+        out: list[str] = []
+        for b in self.cfg.ember.background:
+            if b == "neutral":
+                out += self.store.neutral
+            elif b == "other_concepts":
+                out += self.store.all_sentences_except(self.concept.name)
+            elif b == "general":
+                out += self.starter.general_text
+        return out
+
+    # -- stages --------------------------------------------------------------------------------
+    def baseline(self) -> dict[str, Any]:
+        from ember.evals.baseline import BaselineCache
+
+        t0 = time.perf_counter()
+        bc = BaselineCache(Path(self.cfg.cache_dir))
+        res = {}
+        for split in ("train", "test"):
+            res[split] = bc.get_or_compute(
+                self.lm.model, self.lm.tokenizer, self.lm.facts, self.concept, self.starter, self.cfg.eval, split,
+                progress=self._progress())
+        return self._finish("baseline", {"scores": res, "metrics": {f"test_{k}": v for k, v in res["test"].items()
+                                                                  if isinstance(v, (int, float))}}, t0)
+
+    def features(self) -> dict[str, Any]:
+        from ember.features import CONCEPT_ONLY, SelectionContext, compute_embedding_features, select_features
+
+        t0 = time.perf_counter()
+        e = self.cfg.ember
+        feats = compute_embedding_features(
+            self.lm.model, self.lm.tokenizer, self.lm.facts, self.concept.name, self.concept.sentences,
+            self.background(), e.factorization, self.cache, progress=self._progress())
+        ctx = SelectionContext(self.lm.tokenizer, self.concept.name, list(self.concept.key_terms))
+        report = select_features(feats, e.selector, ctx)
+        selected = [int(k) for k in report.loc[report["selected"], "feature"]]
+        self.files.write_table(self.slug, "features", report.to_dict("records"))
+        from ember.edit import EditPlan
+
+        plan = EditPlan.from_features(feats, selected)
+        toks = [{"id": int(t), "text": self.lm.tokenizer.decode([int(t)]),
+                 "norm_c": float(plan.direction[j].norm())} for j, t in enumerate(plan.token_ids)]
+        toks.sort(key=lambda r: -r["norm_c"])
+        self.files.write_table(self.slug, "edited_tokens", toks)
+        n_concept_only = int((feats.labels == CONCEPT_ONLY).sum())
+        self._feats, self._plan = feats, plan
+        return self._finish("features", {
+            "fit": {k: v for k, v in feats.fit.items() if k != "loss_curve"},
+            "loss_curve_head": feats.fit["loss_curve"][:5], "n_vprime": int(feats.vprime.numel()),
+            "n_concept_only": n_concept_only, "selected_features": selected,
+            "n_edited_tokens": len(plan), "edited_tokens_sample": [t["text"] for t in toks[:40]],
+            "metrics": {"n_selected_features": len(selected), "n_edited_tokens": len(plan),
+                        "relative_residual": feats.fit["relative_residual"]}}, t0)
+
+    def _ensure_plan(self) -> None:
+        if hasattr(self, "_plan"):
+            return
+        if self._done("features"):
+            self._rebuild_plan()
+        else:
+            self.features()
+
+    def _rebuild_plan(self) -> None:
+        from ember.edit import EditPlan
+        from ember.features import compute_embedding_features
+
+        rec = self.files.read_stage(self.slug, "features")
+        feats = compute_embedding_features(
+            self.lm.model, self.lm.tokenizer, self.lm.facts, self.concept.name, self.concept.sentences,
+            self.background(), self.cfg.ember.factorization, self.cache)
+        self._feats, self._plan = feats, EditPlan.from_features(feats, rec["selected_features"])
+
+    def _delta(self, base_train: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+        from ember.delta import choose_delta
+        from ember.edit import EmbeddingEditor
+        from ember.evals.suite import evaluate, relative
+
+        e = self.cfg.ember
+        if e.delta is not None:
+            return float(e.delta), []
+        if len(self._plan) == 0:
+            return 0.0, []
+        key = {"model": self.lm.facts.source, "concept": self.concept.name,
+               "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
+               "fact": OmegaConf.to_container(e.factorization), "grid": list(e.delta_grid),
+               "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval),
+               "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid]}
+        model = copy.deepcopy(self.lm.model)
+        editor = EmbeddingEditor(model, self.lm.facts.embed_scale)
+
+        def score(delta: float) -> dict[str, Any]:
+            editor.apply(self._plan, delta)
+            s = evaluate(model, self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train",
+                         judge_model=self.lm.model, progress=False)
+            rel = relative(s, base_train)
+            log.info("[%s] delta %-6g efficacy %.3f specificity %.3f coherence %s harmonic %.3f", self.concept.name,
+                     delta, rel.get("efficacy", float("nan")), rel.get("specificity", float("nan")),
+                     f"{rel.get('coherence', float('nan')):.3f}", rel.get("harmonic", float("nan")))
+            return {k: v for k, v in rel.items() if isinstance(v, (int, float))}
+
+        def build() -> dict[str, Any]:
+            from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS
+
+            choice = choose_delta(list(e.delta_grid), score, RETENTION_KEYS, COHERENCE_KEYS,
+                                  e.retention_gate, e.coherence_gate)
+            return {"delta": choice.delta, "rows": choice.rows, "reason": choice.reason}
+
+        got = self.cache.get_or_build("delta_choice", f"{self.lm.facts.name}/{self.slug}", key, build)
+        del model
+        return float(got["delta"]), got["rows"]
+
+    def erase(self, need_model: bool) -> dict[str, Any] | None:
+        from ember.edit import EmbeddingEditor
+        from ember.methods import MethodContext, get_method
+
+        done = self._done("erase")
+        if done and not need_model:
+            return self.files.read_stage(self.slug, "erase")
+        t0 = time.perf_counter()
+        seed_everything(self.cfg.seed)
+        self.work = copy.deepcopy(self.lm.model)
+        result: dict[str, Any] = {"ember": bool(self.cfg.ember.enabled)}
+        if self.cfg.ember.enabled:
+            self._ensure_plan()
+            base_train = self._base_scores("train")
+            delta, rows = self._delta(base_train)
+            rep = EmbeddingEditor(self.work, self.lm.facts.embed_scale).apply(self._plan, delta, self.lm.tokenizer)
+            self.edited_ids = self._plan.token_ids.tolist() if delta > 0 else []
+            result["edit"] = rep.summary()
+            result["delta_grid"] = rows
+            if rows:
+                self.files.write_table(self.slug, "delta_grid", rows)
+        seed_everything(self.cfg.seed)
+        method = get_method(self.cfg.method.name, OmegaConf.to_container(self.cfg.method.params, resolve=True))
+        ctx = MethodContext(model=self.work, tokenizer=self.lm.tokenizer, facts=self.lm.facts,
+                            forget_texts=list(self.concept.sentences), retain_texts=list(self.store.neutral),
+                            concept=self.concept.name, seed=self.cfg.seed, progress=self._progress(), cache=self.cache)
+        self.work.requires_grad_(False)
+        mrep = method.apply(ctx)
+        self.work.eval()
+        self.work.requires_grad_(False)
+        result["method"] = mrep.to_dict()
+        result["metrics"] = {"delta": result.get("edit", {}).get("delta", 0.0),
+                             "n_edited_tokens": result.get("edit", {}).get("n_tokens", 0),
+                             "method_steps": mrep.steps}
+        status = "complete" if mrep.status == "ok" else "failed"
+        if done:
+            return self.files.read_stage(self.slug, "erase")
+        return self._finish("erase", result, t0, status)
+
+    def _base_scores(self, split: str) -> dict[str, Any]:
+        rec = self.files.read_stage(self.slug, "baseline")
+        if rec is None:
+            rec = self.baseline()
+        return rec["scores"][split]
+
+    def evaluate(self) -> dict[str, Any]:
+        from ember.evals.suite import evaluate, relative
+
+        t0 = time.perf_counter()
+        scores = evaluate(self.work, self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "test",
+                          judge_model=self.lm.model, progress=self._progress())
+        rows = scores.pop("rows", [])
+        rel = relative(scores, self._base_scores("test"))
+        self.files.write_table(self.slug, "evaluate_questions", rows)
+        self.logger.table(f"{self.slug}/questions", rows)
+        return self._finish("evaluate", {"scores": scores, "metrics": rel}, t0)
+
+    def attacks(self) -> dict[str, Any]:
+        from ember.attacks import ATTACKS, AttackContext, recovered_fraction
+
+        t0 = time.perf_counter()
+        spec = self.cfg.attacks or {}
+        enabled = list(spec.get("enabled", []))
+        base_acc = self._base_scores("test").get("qa_acc")
+        erased_acc = (self.files.read_stage(self.slug, "evaluate") or {}).get("scores", {}).get("qa_acc")
+        out, rows, metrics = {}, [], {}
+        for name in enabled:
+            settings = OmegaConf.to_container(spec.get(name, {}) or {}, resolve=True)
+            ctx = AttackContext(edited_token_ids=self.edited_ids, seed=self.cfg.seed, progress=self._progress(),
+                                template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size)
+            seed_everything(self.cfg.seed)
+            attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
+            key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
+                   "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed}
+
+            def control(name: str = name, settings: dict = settings, ctx: Any = ctx) -> Any:
+                seed_everything(self.cfg.seed)
+                return ATTACKS[name](self.lm.model, self.lm.tokenizer, self.concept, settings, ctx)
+
+            ctrl = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
+            rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
+            out[name] = {"accuracy": attacked.accuracy, "control_accuracy": ctrl.accuracy, "erased_accuracy": erased_acc,
+                         "base_accuracy": base_acc, "recovered_fraction": rec, "per_variant": attacked.per_variant,
+                         "control_per_variant": ctrl.per_variant, "extra": attacked.extra}
+            metrics.update({f"{name}_acc": attacked.accuracy, f"{name}_control_acc": ctrl.accuracy,
+                            f"{name}_recovered": rec})
+            rows += [{"attack": name, **r} for r in attacked.rows]
+            log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f)", self.concept.name,
+                     name, attacked.accuracy, ctrl.accuracy, rec)
+        if rows:
+            self.files.write_table(self.slug, "attack_questions", rows)
+        return self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
+
+    def relearn(self) -> dict[str, Any]:
+        from ember.attacks.relearn import run_relearn
+
+        t0 = time.perf_counter()
+        seed_everything(self.cfg.seed)
+        res = run_relearn(self.work, self.lm.tokenizer, self.concept, self.cfg.relearn, seed=self.cfg.seed,
+                          template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
+                          progress=self._progress())
+        res = res if isinstance(res, dict) else res.to_dict()
+        curve = res.get("curve", [])
+        self.files.write_table(self.slug, "relearn_curve", curve)
+        self.logger.table(f"{self.slug}/relearn_curve", curve)
+        status = "complete" if res.get("status", "ok") == "ok" else "failed"
+        return self._finish("relearn", {**res, "metrics": res.get("metrics", {})}, t0, status)
+
+    # -- driver --------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        c = self.cfg
+        if self._want("baseline") and not self._done("baseline"):
+            self.baseline()
+        if c.ember.enabled and self._want("features") and not self._done("features"):
+            self.features()
+        later = [s for s in ("evaluate", "attacks", "relearn") if self._want(s) and not self._done(s)]
+        if self._want("erase") or later:
+            self.erase(need_model=bool(later))
+        if "evaluate" in later:
+            self.evaluate()
+        if "attacks" in later and (c.attacks or {}).get("enabled"):
+            self.attacks()
+        if "relearn" in later and c.relearn.name != "none":
+            self.relearn()
+        self.work = None
+        return collect_concept(self.files, self.slug)
+
+
+def collect_concept(files: JobFiles, slug: str) -> dict[str, Any]:
+    """The flat metrics of every finished stage of one concept."""
+    out: dict[str, Any] = {}
+    for stage in ("baseline", "features", "erase", "evaluate", "attacks", "relearn"):
+        rec = files.read_stage(slug, stage)
+        if rec:
+            for k, v in (rec.get("metrics") or {}).items():
+                out[f"{stage}/{k}"] = v
+            out[f"{stage}/status"] = rec.get("status")
+    return out
+
+
+def format_results(results: dict[str, dict[str, Any]]) -> str:
+    keys = [("evaluate/efficacy", "efficacy"), ("evaluate/specificity", "specificity"),
+            ("evaluate/coherence", "coherence"), ("evaluate/harmonic", "harmonic"),
+            ("erase/delta", "delta"), ("erase/n_edited_tokens", "edited"),
+            ("relearn/final_qa_acc", "relearn acc"), ("relearn/regained", "regained")]
+    import pandas as pd
+
+    rows = []
+    for concept, m in results.items():
+        row = {"concept": concept}
+        for k, label in keys:
+            if k in m:
+                row[label] = m[k]
+        for k, v in m.items():
+            if k.startswith("attacks/") and k.endswith("_acc") and "control" not in k:
+                row[k.split("/", 1)[1]] = v
+        rows.append(row)
+    df = pd.DataFrame(rows)
+    return df.to_markdown(index=False, floatfmt=".3f") if not df.empty else "(no results)"
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    validate(cfg)
-    store = open_store(cfg)
-    names = store.resolve_names(list(cfg.concepts.names))
-    out = job_dir()
-    log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
-    for name in names:
-        stats = store.concept(name).stats()
-        log.info("concept %-24s %s", name, ", ".join(f"{k}={v}" for k, v in stats.items()))
-    log.info("neutral sentences: %d", len(store.neutral))
-    st = starter_store(cfg)
-    log.info("coherence instructions: %d; control facts: %d", len(st.instructions), len(st.control_facts))
-    from ember.config import validate_against_model
+    from ember.attacks import ATTACKS
+    from ember.methods import get_method
     from ember.models import load_model
 
+    t_job = time.perf_counter()
+    validate(cfg)
+    get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))  # bad params fail now
+    unknown = [a for a in (cfg.attacks or {}).get("enabled", []) if a not in ATTACKS]
+    if unknown:
+        raise EmberError(f"attacks.enabled: unknown attack(s) {unknown}; known: {sorted(ATTACKS)}")
+    store = open_store(cfg)
+    names = store.resolve_names(list(cfg.concepts.names))
+    if not names:
+        raise EmberError(f"concepts.names: no concepts to run in {store.root}")
+    starter = starter_store(cfg)
+    concepts = [store.concept(n) for n in names]  # validates every data file before expensive work
+    out = job_dir()
+    files = JobFiles(out)
+    files.write_meta(cfg, job_overrides())
+    log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
+    for c in concepts:
+        log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
+    seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
-    log.info("model facts: %s", OmegaConf.to_yaml(OmegaConf.create(lm.facts.to_dict())).strip().replace("\n", "; "))
-    return None
+    cache = ArtifactCache(Path(cfg.cache_dir))
+    logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
+    results: dict[str, dict[str, Any]] = {}
+    failures: dict[str, str] = {}
+    for concept in concepts:
+        try:
+            results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger).run()
+        except Exception as exc:  # one concept failing must not lose the others
+            failures[concept.name] = f"{type(exc).__name__}: {exc}"
+            log.error("[%s] failed: %s", concept.name, failures[concept.name])
+            atomic_write_text(files.concept_dir(concept.slug) / "FAILED.txt", traceback.format_exc())
+    atomic_write_json(out / "results.json", {"results": results, "failures": failures,
+                                             "seconds": time.perf_counter() - t_job})
+    table = format_results(results)
+    atomic_write_text(out / "summary.md", f"# {cfg.experiment_name}\n\n{config_summary(cfg)}\n\n{table}\n")
+    logger.finish(1 if failures else 0)
+    log.info("\n%s\n\njob dir: %s  (%.1fs)", table, out, time.perf_counter() - t_job)
+    if failures:
+        raise EmberError(f"{len(failures)} concept(s) failed: {failures}; see FAILED.txt in {out}")
+    h = [m.get("evaluate/harmonic") for m in results.values() if m.get("evaluate/harmonic") is not None]
+    return float(sum(h) / len(h)) if h else None

@@ -1,0 +1,127 @@
+"""Result files in the job directory (atomic, with completion status) and the W&B mirror."""
+
+from __future__ import annotations
+
+import json
+import logging
+import platform
+import subprocess
+import sys
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+from omegaconf import DictConfig, OmegaConf
+
+from ember.locking import atomic_write_json, atomic_write_text
+from ember.paths import PROJECT_ROOT
+
+log = logging.getLogger(__name__)
+
+PACKAGES = ("torch", "transformers", "hydra-core", "omegaconf", "lm_eval", "wandb", "pandas", "peft",
+            "sentence-transformers", "ember-erasure")
+
+
+def environment_info() -> dict[str, Any]:
+    versions = {}
+    for p in PACKAGES:
+        try:
+            versions[p] = metadata.version(p)
+        except metadata.PackageNotFoundError:
+            versions[p] = None
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                                timeout=5).stdout.strip() or None
+        dirty = bool(subprocess.run(["git", "status", "--porcelain"], cwd=PROJECT_ROOT, capture_output=True,
+                                    text=True, timeout=5).stdout.strip())
+    except Exception:
+        commit, dirty = None, None
+    import torch
+
+    return {"python": sys.version.split()[0], "platform": platform.platform(), "packages": versions,
+            "git_commit": commit, "git_dirty": dirty, "cuda": torch.cuda.is_available(),
+            "device_name": torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or "cpu",
+            "torch_threads": torch.get_num_threads()}
+
+
+class JobFiles:
+    """One job directory: per-concept stage results, each a JSON written atomically with a status."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def concept_dir(self, concept_slug: str) -> Path:
+        d = self.root / concept_slug
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def stage_path(self, concept_slug: str, stage: str) -> Path:
+        return self.concept_dir(concept_slug) / f"{stage}.json"
+
+    def stage_done(self, concept_slug: str, stage: str) -> bool:
+        p = self.stage_path(concept_slug, stage)
+        if not p.exists():
+            return False
+        try:
+            return json.loads(p.read_text()).get("status") in ("complete", "skipped", "failed")
+        except (json.JSONDecodeError, OSError):
+            return False
+
+    def read_stage(self, concept_slug: str, stage: str) -> dict[str, Any] | None:
+        p = self.stage_path(concept_slug, stage)
+        try:
+            return json.loads(p.read_text())
+        except (FileNotFoundError, json.JSONDecodeError):
+            return None
+
+    def write_stage(self, concept_slug: str, stage: str, result: dict[str, Any], status: str = "complete") -> None:
+        atomic_write_json(self.stage_path(concept_slug, stage), {"status": status, "stage": stage, **result})
+
+    def write_table(self, concept_slug: str, name: str, rows: list[dict[str, Any]]) -> Path:
+        p = self.concept_dir(concept_slug) / f"{name}.csv"
+        atomic_write_text(p, pd.DataFrame(rows).to_csv(index=False))
+        return p
+
+    def write_meta(self, cfg: DictConfig, overrides: list[str]) -> None:
+        atomic_write_text(self.root / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        atomic_write_json(self.root / "meta.json", {"overrides": overrides, "environment": environment_info()})
+
+
+class WandbLogger:
+    """One W&B run per job; a no-op when ``logger=none``."""
+
+    def __init__(self, cfg: DictConfig, job_dir: Path, job_name: str, concepts: list[str]):
+        self.run = None
+        if cfg.logger.name != "wandb" or cfg.logger.mode == "disabled":
+            return
+        import wandb
+
+        tags = [f"model:{cfg.model.name}", f"method:{cfg.method.name}", f"ember:{'on' if cfg.ember.enabled else 'off'}",
+                *[f"concept:{c}" for c in concepts], *list(cfg.logger.tags)]
+        self.run = wandb.init(
+            project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(job_dir),
+            config=OmegaConf.to_container(cfg, resolve=True), group=cfg.experiment_name, name=job_name,
+            job_type="ember-job", tags=[t[:64] for t in tags], reinit="finish_previous",
+        )
+
+    def summary(self, prefix: str, metrics: dict[str, Any]) -> None:
+        if self.run is None:
+            return
+        flat = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and v is not None}
+        self.run.summary.update(flat)
+        self.run.log(flat)
+
+    def table(self, key: str, rows: list[dict[str, Any]]) -> None:
+        if self.run is None or not rows:
+            return
+        import wandb
+
+        df = pd.DataFrame(rows)
+        self.run.log({key: wandb.Table(dataframe=df.astype({c: str for c in df.columns if df[c].dtype == object}))})
+
+    def finish(self, exit_code: int = 0) -> None:
+        if self.run is not None:
+            self.run.finish(exit_code=exit_code)
+            self.run = None

@@ -1,0 +1,31 @@
+"""Delta selection: gates, best score, ties to the smaller delta, none qualifying -> 0."""
+
+from ember.delta import choose_delta
+
+
+def table(rows):
+    return lambda d: rows[d]
+
+
+def test_best_gated_delta_wins_and_ties_go_small() -> None:
+    rows = {
+        1.0: {"spec": 0.99, "coh": 0.95, "harmonic_alpaca": 0.4},
+        5.0: {"spec": 0.95, "coh": 0.95, "harmonic_alpaca": 0.7},
+        10.0: {"spec": 0.95, "coh": 0.92, "harmonic_alpaca": 0.7},
+        50.0: {"spec": 0.50, "coh": 0.95, "harmonic_alpaca": 0.9},  # fails the retention gate
+    }
+    c = choose_delta(list(rows), table(rows), ["spec"], ["coh"], 0.9, 0.9)
+    assert c.delta == 5.0
+    assert [r["gate_pass"] for r in c.rows] == [True, True, True, False]
+
+
+def test_nothing_qualifies_means_no_edit() -> None:
+    rows = {2.0: {"spec": 0.5, "harmonic_alpaca": 0.8}, 5.0: {"spec": 0.2, "harmonic_alpaca": 0.9}}
+    c = choose_delta(list(rows), table(rows), ["spec"], [], 0.9, 0.9)
+    assert c.delta == 0.0 and "no edit" in c.reason
+
+
+def test_harmonic_used_when_coherence_is_off() -> None:
+    rows = {1.0: {"spec": 1.0, "harmonic": 0.3, "harmonic_alpaca": float("nan")},
+            2.0: {"spec": 1.0, "harmonic": 0.6, "harmonic_alpaca": float("nan")}}
+    assert choose_delta(list(rows), table(rows), ["spec"], [], 0.9, 0.9).delta == 2.0
