@@ -149,6 +149,8 @@ class RelearnConfig:
     lora_targets: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     max_grad_norm: float = 1.0
     divergence_factor: float = 20.0
+    in_place: bool = False  # relearn the model passed in rather than a deep copy
+    merge_lora: bool = True  # lora: merge the adapter into the relearned model
 
 
 @dataclass

@@ -137,6 +137,7 @@ def _mc_items(items: Any, path: Path, key: str, concept: str, split: str, seed: 
 
 def _open_items(items: Any, path: Path, key: str, concept: str, split: str) -> list[OpenQuestion]:
     _expect(isinstance(items, list), path, key, "expected a list of {q, a}")
+    _expect(len(items) > 0, path, key, "the split is empty")
     out = []
     for i, it in enumerate(items):
         k = f"{key}[{i}]"
@@ -260,12 +261,14 @@ class ConceptStore:
         open_q: dict[str, list[OpenQuestion]] = {}
         if name in self._open:
             op_path = self._file("open_questions.json")
+            _expect(isinstance(self._open[name], dict), op_path, name, "expected {split: [questions]}")
             for split in MC_SPLITS:
-                if split in self._open[name]:
-                    open_q[split] = _open_items(self._open[name][split], op_path, f"{name}.{split}", name, split)
+                _expect(split in self._open[name], op_path, f"{name}.{split}", "missing split")
+                open_q[split] = _open_items(self._open[name][split], op_path, f"{name}.{split}", name, split)
         rl_path = self._file("relearn_paragraphs.json")
         _expect(name in self._relearn, rl_path, name, "no relearning paragraphs for this concept")
         _expect(isinstance(self._relearn[name], dict), rl_path, name, "expected {RelearnParagraphs: [str]}")
+        _expect("RelearnParagraphs" in self._relearn[name], rl_path, f"{name}.RelearnParagraphs", "missing")
         relearn = _str_list(self._relearn[name].get("RelearnParagraphs"), rl_path, f"{name}.RelearnParagraphs")
         return ConceptData(
             name=name, sentences=self._sentences[name], mc=mc, open=open_q, relearn=relearn,

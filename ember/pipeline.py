@@ -22,8 +22,8 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from ember.cache import ArtifactCache
-from ember.config import validate, validate_against_model
-from ember.data import ConceptData, ConceptStore, open_store, starter_store
+from ember.config import validate_against_model
+from ember.data import ConceptData, ConceptStore
 from ember.errors import EmberError
 from ember.locking import atomic_write_json, atomic_write_text
 from ember.seeding import seed_everything
@@ -373,22 +373,13 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    from ember.attacks import ATTACKS
-    from ember.methods import get_method
     from ember.models import load_model
+    from ember.preflight import preflight
 
     t_job = time.perf_counter()
-    validate(cfg)
-    get_method(cfg.method.name, OmegaConf.to_container(cfg.method.params, resolve=True))  # bad params fail now
-    unknown = [a for a in (cfg.attacks or {}).get("enabled", []) if a not in ATTACKS]
-    if unknown:
-        raise EmberError(f"attacks.enabled: unknown attack(s) {unknown}; known: {sorted(ATTACKS)}")
-    store = open_store(cfg)
-    names = store.resolve_names(list(cfg.concepts.names))
-    if not names:
-        raise EmberError(f"concepts.names: no concepts to run in {store.root}")
-    starter = starter_store(cfg)
-    concepts = [store.concept(n) for n in names]  # validates every data file before expensive work
+    checked = preflight(cfg)
+    store, starter, concepts = checked.store, checked.starter, checked.concepts
+    names = [c.name for c in concepts]
     out = job_dir()
     files = JobFiles(out)
     files.write_meta(cfg, job_overrides())

@@ -1,10 +1,18 @@
 """Multiple-choice QA: log-likelihood scoring (default) and the paper's letter generation.
 
 ``loglik`` scores each option as a continuation of the question prompt (lm-eval's
-multiple_choice convention) and reports accuracy, length-normalised accuracy and the mean
-probability of the correct option (softmax over the options' summed log-likelihoods), a
-continuous measure with less noise than accuracy on small models. ``letter`` is the paper's
-format: options labelled A-D in the chat template, greedy generation, first standalone letter.
+multiple_choice convention: context + " " + option, argmax of the summed log-likelihood;
+``acc_norm`` divides by the option's character length) and reports accuracy, length-normalised
+accuracy and the mean probability of the correct option (softmax over the options' summed
+log-likelihoods), a continuous measure with less noise than accuracy on small models.
+
+Speed: the question prompt is shared by its options, so it is run once per question and its
+key/value cache is fanned out to the options (``share_prefix``); only the positions that predict
+option tokens are projected to the vocabulary, in chunks (Gemma-3 has 262,144 tokens). The
+result equals scoring the full sequences (checked in tests).
+
+``letter`` is the paper's format (reference-spec 5.3): options labelled A-D in the chat template,
+greedy generation of a few tokens, the first standalone letter A-D parsed, no letter = invalid.
 """
 
 from __future__ import annotations
@@ -19,9 +27,11 @@ import torch
 from torch import nn
 
 from ember.data import MCQuestion
-from ember.evals.loglik import score_continuations
+from ember.evals.loglik import _base_model, _final_logits, encode_pair, score_continuations, wants_bos
 
 LETTERS = "ABCD"
+#: float32 elements of vocabulary logits held at once (128 MB): rows per chunk = this / vocab size
+LOGIT_BUDGET = 2**25
 
 
 @dataclass
@@ -33,6 +43,7 @@ class MCItem:
     pred: int
     answer: int
     invalid: bool = False
+    generation: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -66,6 +77,137 @@ def _aggregate(items: list[MCItem]) -> MCResult:
     )
 
 
+# --------------------------------------------------------------------------------------------------
+# log-probabilities at selected positions
+
+
+def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probability of ``targets`` and whether each is the argmax, from final hidden rows (N, d).
+
+    The vocabulary projection is done in chunks so at most :data:`LOGIT_BUDGET` logits exist at once.
+    """
+    vocab = model.get_output_embeddings().weight.shape[0]
+    chunk = max(1, LOGIT_BUDGET // vocab)
+    lps, greedy = [], []
+    for s in range(0, hidden.shape[0], chunk):
+        logp = torch.log_softmax(_final_logits(model, hidden[s : s + chunk]).float(), dim=-1)
+        tgt = targets[s : s + chunk]
+        lps.append(logp.gather(1, tgt[:, None]).squeeze(1))
+        greedy.append(logp.argmax(-1) == tgt)
+    if not lps:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    return torch.cat(lps), torch.cat(greedy)
+
+
+def _sliding_window(model: nn.Module) -> int | None:
+    cfg = getattr(model, "config", None)
+    cfg = getattr(cfg, "text_config", None) or cfg
+    return getattr(cfg, "sliding_window", None)
+
+
+@torch.no_grad()
+def _shared_prefix_batch(
+    model: nn.Module, pad: int, ctxs: list[list[int]], conts: list[list[list[int]]]
+) -> list[list[float]]:
+    """Summed log-likelihood of each continuation of each context, running each context once."""
+    device = next(model.parameters()).device
+    base = _base_model(model)
+    n_q = len(ctxs)
+    lc = max(len(c) for c in ctxs)
+    ids = torch.full((n_q, lc), pad, dtype=torch.long)
+    mask = torch.zeros((n_q, lc), dtype=torch.long)
+    for r, c in enumerate(ctxs):  # left padding: the last context token is at column lc - 1
+        ids[r, lc - len(c):] = torch.tensor(c)
+        mask[r, lc - len(c):] = 1
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    out = base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=True)
+    h_last = out.last_hidden_state[:, -1]
+    cache = out.past_key_values
+    owners = [r for r, cs in enumerate(conts) for _ in cs]
+    flat = [x for cs in conts for x in cs]
+    lo = max(len(x) for x in flat)
+    o_ids = torch.full((len(flat), lo), pad, dtype=torch.long)
+    o_mask = torch.zeros((len(flat), lo), dtype=torch.long)
+    for r, x in enumerate(flat):
+        o_ids[r, : len(x)] = torch.tensor(x)
+        o_mask[r, : len(x)] = 1
+    owner_t = torch.tensor(owners)
+    cache.batch_select_indices(owner_t.to(device))
+    full_mask = torch.cat([mask[owner_t], o_mask], dim=1)
+    ctx_len = torch.tensor([len(ctxs[o]) for o in owners])
+    o_pos = ctx_len[:, None] + torch.arange(lo)[None, :]
+    h_opt = base(
+        input_ids=o_ids.to(device), attention_mask=full_mask.to(device), position_ids=o_pos.to(device),
+        past_key_values=cache, use_cache=False,
+    ).last_hidden_state
+    # token 0 of option r is predicted by its context's last state, token j by option state j - 1
+    rows, tgts, seg = [], [], []
+    for r, x in enumerate(flat):
+        rows.append(h_last[owners[r]])
+        if len(x) > 1:
+            rows.extend(h_opt[r, : len(x) - 1])
+        tgts.extend(x)
+        seg.extend([r] * len(x))
+    lp, _ = token_logprobs(model, torch.stack(rows), torch.tensor(tgts, device=device))
+    sums = torch.zeros(len(flat), device=device).index_add_(0, torch.tensor(seg, device=device), lp)
+    out_ll: list[list[float]] = []
+    k = 0
+    for cs in conts:
+        out_ll.append([float(v) for v in sums[k : k + len(cs)]])
+        k += len(cs)
+    return out_ll
+
+
+def option_logliks(
+    model: nn.Module,
+    tokenizer: Any,
+    contexts: Sequence[str],
+    options: Sequence[Sequence[str]],
+    batch_size: int = 16,
+    share_prefix: bool = True,
+    progress: bool = False,
+) -> list[list[float]]:
+    """Summed log-likelihood of ``" " + option`` after each context (lm-eval's multiple_choice request)."""
+    bos = wants_bos(model, tokenizer)
+    enc = [[encode_pair(tokenizer, c, " " + o, bos) for o in opts] for c, opts in zip(contexts, options, strict=True)]
+    window = _sliding_window(model)
+    shareable = [
+        share_prefix and all(e[0] == es[0][0] for e in es)
+        and (window is None or len(es[0][0]) + max(len(e[1]) for e in es) < window)
+        for es in enc
+    ]
+    result: list[list[float] | None] = [None] * len(enc)
+    plain = [i for i, s in enumerate(shareable) if not s]
+    if plain:
+        pairs = [(contexts[i], " " + o) for i in plain for o in options[i]]
+        scored = score_continuations(model, tokenizer, pairs, batch_size=batch_size * 4, progress=progress, desc="mc")
+        k = 0
+        for i in plain:
+            result[i] = [s.loglik for s in scored[k : k + len(options[i])]]
+            k += len(options[i])
+    shared = sorted((i for i, s in enumerate(shareable) if s), key=lambda i: -len(enc[i][0][0]))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    from tqdm.auto import tqdm
+
+    batches = [shared[s : s + batch_size] for s in range(0, len(shared), batch_size)]
+    for batch in tqdm(batches, desc="mc", disable=not progress, leave=False):
+        lls = _shared_prefix_batch(model, pad, [enc[i][0][0] for i in batch], [[e[1] for e in enc[i]] for i in batch])
+        for i, ll in zip(batch, lls, strict=True):
+            result[i] = ll
+    return [r for r in result if r is not None]
+
+
+def _softmax(xs: Sequence[float]) -> list[float]:
+    m = max(xs)
+    ps = [math.exp(v - m) for v in xs]
+    z = sum(ps)
+    return [p / z for p in ps]
+
+
+def _argmax(xs: Sequence[float]) -> int:
+    return max(range(len(xs)), key=lambda j: xs[j])  # first maximum, as numpy's argmax
+
+
 def score_loglik(
     model: nn.Module,
     tokenizer: Any,
@@ -75,33 +217,33 @@ def score_loglik(
     progress: bool = False,
     prefix: str = "",
     suffix: str = "",
+    share_prefix: bool = True,
 ) -> MCResult:
-    """Score options by summed log-likelihood; ``prefix``/``suffix`` wrap the prompt (attacks use them)."""
-    pairs: list[tuple[str, str]] = []
-    for q in questions:
-        ctx = prefix + template.format(q=q.q) + suffix
-        pairs.extend((ctx, " " + opt) for opt in q.options)
-    scored = score_continuations(model, tokenizer, pairs, batch_size=batch_size * 4, progress=progress, desc="mc")
+    """Score options by summed log-likelihood; ``prefix``/``suffix`` wrap the prompt (attacks use them).
+
+    ``batch_size`` counts questions (each carries its options)."""
+    contexts = [prefix + template.format(q=q.q) + suffix for q in questions]
+    lls = option_logliks(model, tokenizer, contexts, [q.options for q in questions], batch_size, share_prefix, progress)
     items = []
-    for k, q in enumerate(questions):
-        s = scored[4 * k : 4 * k + 4]
-        ll = [x.loglik for x in s]
-        lln = [x.loglik / max(1, x.n_chars) for x in s]
-        m = max(ll)
-        probs = [math.exp(v - m) for v in ll]
-        z = sum(probs)
-        pred = max(range(len(ll)), key=lambda j: ll[j])
-        pred_n = max(range(len(lln)), key=lambda j: lln[j])
-        items.append(MCItem(qid=q.qid, correct=pred == q.answer, correct_norm=pred_n == q.answer,
-                            p_correct=probs[q.answer] / z, pred=pred, answer=q.answer))
+    for q, ll in zip(questions, lls, strict=True):
+        lln = [v / max(1, len(o)) for v, o in zip(ll, q.options, strict=True)]
+        pred = _argmax(ll)
+        items.append(MCItem(qid=q.qid, correct=pred == q.answer, correct_norm=_argmax(lln) == q.answer,
+                            p_correct=_softmax(ll)[q.answer], pred=pred, answer=q.answer))
     return _aggregate(items)
 
 
+# --------------------------------------------------------------------------------------------------
+# letter generation (the paper's way)
+
+
 def letter_prompt(q: MCQuestion) -> str:
+    """The paper's prompt layout (reference-spec 5.3), in this project's words."""
     opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(q.options))
     return (
-        "Answer the following multiple choice question. Reply with only the letter (A, B, C, or D) "
-        f"of the correct answer.\n\nQuestion: {q.q}\n{opts}\nAnswer:"
+        "Choose the single best answer to the multiple-choice question below.\n\n"
+        f"Question: {q.q}\n\nChoices:\n{opts}\n\n"
+        "Reply with only the letter of your answer (A, B, C or D), with no other text or formatting."
     )
 
 
@@ -122,27 +264,49 @@ def build_chat_prompt(tokenizer: Any, text: str, use_chat: bool) -> str:
     return text
 
 
+def with_bos(model: nn.Module, tokenizer: Any, prompt: str) -> str:
+    """Prefix the BOS token text for models that need it (Gemma), once."""
+    bos = tokenizer.bos_token
+    if wants_bos(model, tokenizer) and bos and not prompt.startswith(bos):
+        return bos + prompt
+    return prompt
+
+
+def strip_bos(tokenizer: Any, prompt: str) -> str:
+    """Remove a leading BOS text (chat templates write it; the scorers add it themselves)."""
+    bos = tokenizer.bos_token
+    return prompt[len(bos):] if bos and prompt.startswith(bos) else prompt
+
+
 @torch.no_grad()
 def generate_greedy(
     model: nn.Module, tokenizer: Any, prompts: Sequence[str], max_new_tokens: int, batch_size: int = 8,
     progress: bool = False, desc: str = "generate",
 ) -> list[str]:
-    """Greedy generation, left-padded batches; returns only the new text."""
+    """Greedy generation, left-padded batches sorted by length; returns only the new text, in input order.
+
+    Gemma-family models get their BOS token (once) as lm-eval and the reference do."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
+    texts = [with_bos(model, tokenizer, p) for p in prompts]
+    lengths = [len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts]
+    order = sorted(range(len(texts)), key=lambda i: -lengths[i])
+    out: list[str] = [""] * len(texts)
     old_side = tokenizer.padding_side
     tokenizer.padding_side = "left"
-    out: list[str] = []
     try:
-        for i in tqdm(range(0, len(prompts), batch_size), desc=desc, disable=not progress, leave=False):
-            chunk = list(prompts[i : i + batch_size])
-            enc = tokenizer(chunk, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        for s in tqdm(range(0, len(order), batch_size), desc=desc, disable=not progress, leave=False):
+            idx = order[s : s + batch_size]
+            enc = tokenizer([texts[i] for i in idx], return_tensors="pt", padding=True,
+                            add_special_tokens=False).to(device)
             gen = model.generate(
                 **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id,
                 temperature=None, top_p=None, top_k=None,
             )
-            out.extend(tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True))
+            decoded = tokenizer.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+            for i, d in zip(idx, decoded, strict=True):
+                out[i] = d
     finally:
         tokenizer.padding_side = old_side
     return out
@@ -165,7 +329,8 @@ def score_letter(
         pred = parse_letter(t)
         ok = pred == q.answer
         items.append(MCItem(qid=q.qid, correct=ok, correct_norm=ok, p_correct=float(ok),
-                            pred=-1 if pred is None else pred, answer=q.answer, invalid=pred is None))
+                            pred=-1 if pred is None else pred, answer=q.answer, invalid=pred is None,
+                            generation=t))
     return _aggregate(items)
 
 

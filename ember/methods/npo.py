@@ -34,17 +34,18 @@ class NPO(LMUnlearningMethod, Method):
 
     @staticmethod
     @torch.no_grad()
-    def reference_logprobs(model: torch.nn.Module, batches: list) -> list[torch.Tensor]:
-        """Summed sequence log-probs of the model as it is now, one (B,) tensor per batch."""
-        return [sequence_logprob(model, b).detach() for b in batches]
+    def reference_logprobs(model: torch.nn.Module, batches: list, needed: set[int]) -> dict[int, torch.Tensor]:
+        """Summed sequence log-probs of the model as it is now, one (B,) tensor per needed batch."""
+        return {i: sequence_logprob(model, batches[i]).detach() for i in sorted(needed)}
 
     def apply(self, ctx: MethodContext) -> MethodReport:
         torch.manual_seed(ctx.seed)
         p = self.params
         params = self.trainable_params(ctx.model, ctx.facts.n_layers)
         fbatches = self.batches(ctx, ctx.forget_texts, ctx.seed, "forget")
-        ref = self.reference_logprobs(ctx.model, fbatches)
         forget = BatchCycler(fbatches, ctx.seed)
+        # before any update, for exactly the batches the run will visit
+        ref = self.reference_logprobs(ctx.model, fbatches, set(forget.schedule(p["steps"])))
         beta, gamma, alpha = p["beta"], p["forget_weight"], p["retain_weight"]
         retain = BatchCycler(self.batches(ctx, ctx.retain_texts, ctx.seed + 1, "retain"), ctx.seed + 1) \
             if alpha > 0 else None

@@ -26,6 +26,7 @@ from typing import Any
 import torch
 from torch.func import functional_call
 
+from ember.errors import DataError
 from ember.methods.base import Method, MethodContext, MethodReport, register_method
 from ember.methods.training import (BatchCycler, StepOutput, TokenBatch, bad_param, check_layer_spec,
                                     check_non_negative, check_positive, check_positive_int, layer_output,
@@ -112,14 +113,13 @@ class RMU(Method):
         frozen = {n: t.detach().clone() for n, t in params}  # only the trained tensors, never the whole model
         dev = model_device(model)
         if not ctx.forget_texts or not ctx.retain_texts:
-            raise bad_param("(data)", None, "RMU needs both forget (concept) and retain (neutral) texts")
+            raise DataError("RMU needs both forget (concept) and retain (neutral) texts; one list is empty")
         # one shuffle stream for forget then retain, like the reference's random.Random(42)
         fb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.forget_texts, ctx.seed), p["batch_size"], p["max_length"], dev)
         rb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.retain_texts, ctx.seed + 1), p["batch_size"], p["max_length"], dev)
         steps = p["steps"] if p["steps"] is not None else min(len(fb), len(rb))
-        forget, retain = BatchCycler(fb, ctx.seed), BatchCycler(rb, ctx.seed + 1)
-        if p["steps"] is None:  # one pass in file order of the shuffled batches, as upstream
-            forget._order, retain._order = list(range(len(fb))), list(range(len(rb)))
+        # first pass in the order of the shuffled texts (upstream's single pass); later passes reshuffle
+        forget, retain = BatchCycler(fb, ctx.seed, in_order=True), BatchCycler(rb, ctx.seed + 1, in_order=True)
         u = control_vector(ctx.facts.d_model, ctx.seed)
         target = (p["steering_coeff"] * u).to(dev)
         mask_pad = p["mask_padding"]

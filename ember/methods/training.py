@@ -204,19 +204,37 @@ def make_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_leng
 
 
 class BatchCycler:
-    """Visits fixed batches in a seeded order, reshuffling the order at every pass."""
+    """Visits fixed batches in a seeded order, reshuffling the order at every pass.
 
-    def __init__(self, batches: Sequence[TokenBatch], seed: int):
+    The order of pass ``e`` is a pure function of ``(seed, e)``, so :meth:`schedule` can tell in
+    advance which batches a run of ``steps`` steps will visit (NPO uses it to compute reference
+    log-probabilities for exactly those batches before the first update). ``in_order=True`` makes
+    the first pass visit the batches in the order given (the reference RMU's single pass)."""
+
+    def __init__(self, batches: Sequence[TokenBatch], seed: int, in_order: bool = False):
         if not batches:
             raise ValueError("no batches to cycle over (empty text list)")
-        self.batches, self.seed, self.epoch = list(batches), seed, 0
-        self._order: list[int] = []
+        self.batches, self.seed, self.in_order = list(batches), seed, in_order
+        self.position = 0
+
+    def _pass_order(self, epoch: int) -> list[int]:
+        if epoch == 0 and self.in_order:
+            return list(range(len(self.batches)))
+        return seeded_shuffle(range(len(self.batches)), self.seed + 1000 * epoch)
+
+    def schedule(self, steps: int, start: int = 0) -> list[int]:
+        n = len(self.batches)
+        out: list[int] = []
+        for pos in range(start, start + steps):
+            epoch, k = divmod(pos, n)
+            if k == 0 or not out:
+                order = self._pass_order(epoch)
+            out.append(order[k])
+        return out
 
     def next(self) -> tuple[int, TokenBatch]:
-        if not self._order:
-            self._order = seeded_shuffle(range(len(self.batches)), self.seed + 1000 * self.epoch)
-            self.epoch += 1
-        i = self._order.pop(0)
+        i = self.schedule(1, self.position)[0]
+        self.position += 1
         return i, self.batches[i]
 
 
@@ -227,10 +245,11 @@ class BatchCycler:
 def token_logprobs(model: nn.Module, batch: TokenBatch) -> tuple[torch.Tensor, torch.Tensor]:
     """Log-probability of each next token (B x T-1) and the mask of positions that count."""
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False).logits
-    logits = logits[:, :-1].float()
+    logits = logits[:, :-1]
     target = batch.labels[:, 1:]
     mask = target != -100
-    lp = -F.cross_entropy(logits.transpose(1, 2), target.clamp_min(0), reduction="none")
+    flat = logits.reshape(-1, logits.shape[-1]).float()  # (B*T, V): far faster than the (B, V, T) layout
+    lp = -F.cross_entropy(flat, target.reshape(-1).clamp_min(0), reduction="none").view_as(target)
     return lp * mask, mask
 
 
@@ -283,7 +302,9 @@ def train_loop(
     with trainable(trainable_params):
         opt = torch.optim.AdamW(plist, lr=lr, weight_decay=weight_decay, eps=eps)
         bar = tqdm(range(steps), desc=name, disable=not progress, leave=False)
+        step_seconds: list[float] = []
         for step in bar:
+            t_step = time.perf_counter()
             out = step_fn(step)
             value = float(out.loss.detach())
             reason = guard(value, first)
@@ -304,6 +325,7 @@ def train_loop(
             report.losses.append(value)
             parts_log.append(out.parts)
             report.steps = step + 1
+            step_seconds.append(time.perf_counter() - t_step)
             bar.set_postfix(loss=f"{value:.4g}")
         bar.close()
         opt.zero_grad(set_to_none=True)
@@ -312,6 +334,7 @@ def train_loop(
         if bad_params:
             report.status, report.reason = "diverged", f"parameters became non-finite: {bad_params[:3]}"
     report.extra["loss_parts"] = parts_log
+    report.extra["step_seconds"] = step_seconds
     report.seconds = time.perf_counter() - start
     return report
 
