@@ -133,6 +133,19 @@ class EvalConfig:
     perplexity_n: int = 60
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    # added with the evaluation suite (docs/evaluation.md)
+    use_chat: bool = True  # chat-wrap generation prompts when the tokenizer has a template
+    share_prefix: bool = True  # loglik MC: run the question once, fan its KV cache out to the options
+    letter_batch_size: int = 1  # letter MC: 1 = one question at a time, as the reference
+    frac_on: str = "acc"  # acc | p_correct: the MC score the kept fractions use
+    coherence_judge: str = "local"  # local (MiniLM relevance + base-model fluency) | llm (0-2 ratings)
+    perplexity_source: str = "auto"  # auto | general | neutral
+    perplexity_max_length: int = 256
+    lm_eval_include_path: str | None = None  # a folder of extra lm-eval task YAMLs
+    llm_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key, if any
+    llm_temperature: float = 0.0
+    llm_threads: int = 8
+    llm_timeout_s: float = 60.0
 
 
 @dataclass

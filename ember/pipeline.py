@@ -242,8 +242,9 @@ class ConceptRun:
         self.work.eval()
         self.work.requires_grad_(False)
         result["method"] = mrep.to_dict()
-        result["metrics"] = {"delta": result.get("edit", {}).get("delta", 0.0),
-                             "n_edited_tokens": result.get("edit", {}).get("n_tokens", 0),
+        edit = result.get("edit", {})
+        result["metrics"] = {"delta": edit.get("delta", 0.0),
+                             "n_edited_tokens": edit.get("n_tokens", 0) if edit.get("delta", 0.0) > 0 else 0,
                              "method_steps": mrep.steps}
         status = "complete" if mrep.status == "ok" else "failed"
         if done:
@@ -386,6 +387,11 @@ def run_job(cfg: DictConfig) -> float | None:
     log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
     for c in concepts:
         log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
+    if not cfg.overwrite and all(all_done(cfg, files, c.slug) for c in concepts):
+        log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
+        results = {c.name: collect_concept(files, c.slug) for c in concepts}
+        log.info("\n%s\n\njob dir: %s", format_results(results), out)
+        return _objective(results)
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
@@ -408,5 +414,23 @@ def run_job(cfg: DictConfig) -> float | None:
     log.info("\n%s\n\njob dir: %s  (%.1fs)", table, out, time.perf_counter() - t_job)
     if failures:
         raise EmberError(f"{len(failures)} concept(s) failed: {failures}; see FAILED.txt in {out}")
-    h = [m.get("evaluate/harmonic") for m in results.values() if m.get("evaluate/harmonic") is not None]
+    return _objective(results)
+
+
+def _objective(results: dict[str, dict[str, Any]]) -> float | None:
+    """The value a Hydra sweeper optimises: mean harmonic score over concepts."""
+    h = [m.get("evaluate/harmonic") for m in results.values() if isinstance(m.get("evaluate/harmonic"), (int, float))]
     return float(sum(h) / len(h)) if h else None
+
+
+def stages_wanted(cfg: DictConfig) -> list[str]:
+    out = [s for s in cfg.stages if s != "features" or cfg.ember.enabled]
+    if not (cfg.attacks or {}).get("enabled"):
+        out = [s for s in out if s != "attacks"]
+    if cfg.relearn.name == "none":
+        out = [s for s in out if s != "relearn"]
+    return out
+
+
+def all_done(cfg: DictConfig, files: JobFiles, slug: str) -> bool:
+    return all(files.stage_done(slug, s) for s in stages_wanted(cfg))

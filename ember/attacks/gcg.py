@@ -19,6 +19,7 @@ special tokens are never proposed (``allow_non_ascii``).
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -37,7 +38,7 @@ from ember.models import measure_embed_scale
 GCG_DEFAULTS: dict[str, Any] = {
     # CPU-sized for SmolLM2-135M (a few minutes); the GCG paper uses 500 steps, 20 tokens, top-k 256,
     # 512 candidates.
-    "steps": 20,
+    "steps": 10,
     "suffix_len": 10,
     "topk": 64,
     "n_candidates": 32,
@@ -88,8 +89,22 @@ def _build_problem(tok: Any, qs: Sequence[Any], template: str, placement: str, b
     return _Problem(a, b, conts, [q.answer for q in qs])
 
 
+_MASKS: weakref.WeakKeyDictionary[Any, dict[tuple[int, bool], torch.Tensor]] = weakref.WeakKeyDictionary()
+
+
 def allowed_token_mask(tok: Any, vocab_size: int, allow_non_ascii: bool) -> torch.Tensor:
     """True for tokens GCG may propose: decodable, non-special, printable ASCII unless allowed."""
+    try:
+        cache = _MASKS.setdefault(tok, {})
+    except TypeError:  # a tokenizer that cannot be weakly referenced
+        cache = {}
+    key = (vocab_size, allow_non_ascii)
+    if key not in cache:
+        cache[key] = _allowed_token_mask(tok, vocab_size, allow_non_ascii)
+    return cache[key].clone()
+
+
+def _allowed_token_mask(tok: Any, vocab_size: int, allow_non_ascii: bool) -> torch.Tensor:
     special = set(tok.all_special_ids or [])
     mask = torch.zeros(vocab_size, dtype=torch.bool)
     for i in range(min(vocab_size, len(tok))):

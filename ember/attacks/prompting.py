@@ -278,6 +278,7 @@ def run_incontext(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | N
 _WORD = re.compile(r"[^\W_]+")
 _VOWELS = "aeiou"
 STRATEGIES = ("alias", "case", "split", "misspell")
+_STOPWORDS = frozenset("a an and as at by for from in is it of on or the to was who with".split())
 
 
 def token_offsets(tok: Any, text: str) -> list[tuple[int, int, int]]:
@@ -335,13 +336,20 @@ def word_variants(word: str, strategy: str) -> list[str]:
 
 
 def term_aliases(term: str, key_terms: Sequence[str]) -> list[str]:
-    """Other names for a key term: the other key terms, the term's own words, its initials."""
+    """Other names for a key term: key terms sharing a word with it, its own words, its initials.
+
+    Key terms are the concept's names and entities, not synonyms: "Hogwarts" is never replaced by
+    "Dumbledore", but "Hermione Granger" may become "Hermione" (a key term, or one of its words) or
+    "H.G.".
+    """
     words = term.split()
-    out = [t for t in key_terms if t.lower() != term.lower()]
+    mine = {w.lower() for w in words} - _STOPWORDS
+    out = [t for t in key_terms
+           if t.lower() != term.lower() and mine & ({w.lower() for w in t.split()} - _STOPWORDS)]
     if len(words) > 1:
-        out += sorted(words, key=len, reverse=True)
+        out += sorted((w for w in words if w.lower() not in _STOPWORDS), key=len, reverse=True)
         out.append(".".join(w[0].upper() for w in words) + ".")
-    return out
+    return list(dict.fromkeys(out))
 
 
 @dataclass
@@ -410,17 +418,23 @@ def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str
 
 
 def key_term_token_ids(tok: Any, key_terms: Sequence[str]) -> set[int]:
-    """Token ids of the key terms and their words, with and without a leading space.
+    """A stand-in edited set built from the key terms, for jobs that edited no tokens.
 
-    The fallback edited set when the job edited no tokens (EMBER off, or the control model).
+    For every word of every key term (stop words excepted): the first token of ``" " + word``
+    and, when it is a single token, ``word`` itself — the whole-word tokens an embedding edit
+    targets, not the generic sub-word pieces a long word splits into.
     """
-    forms: set[str] = set()
-    for term in key_terms:
-        for piece in [term, *term.split()]:
-            forms.update({piece, " " + piece})
     out: set[int] = set()
-    for f in forms:
-        out.update(tok(f, add_special_tokens=False)["input_ids"])
+    for term in key_terms:
+        for word in term.split():
+            if word.lower() in _STOPWORDS:
+                continue
+            spaced = tok(" " + word, add_special_tokens=False)["input_ids"]
+            if spaced:
+                out.add(spaced[0])
+            bare = tok(word, add_special_tokens=False)["input_ids"]
+            if len(bare) == 1:
+                out.add(bare[0])
     return out
 
 

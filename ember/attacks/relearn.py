@@ -33,6 +33,7 @@ import math
 import random
 import time
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -106,15 +107,37 @@ def _wrap_lora(model: nn.Module, s: Mapping[str, Any]) -> nn.Module:
         raise ConfigError(f"relearn.lora_targets={list(s['lora_targets'])}: {exc}") from exc
 
 
+@dataclass
+class RelearnResult(AttackResult):
+    """An :class:`AttackResult` whose dict form also carries ``curve`` and flat ``metrics``."""
+
+    def metrics(self) -> dict[str, float]:
+        e = self.extra
+        return {
+            "relearn_acc": self.accuracy,  # the paper's "regained accuracy"
+            "relearn_acc_before": e.get("accuracy_before", float("nan")),
+            "relearn_retain_acc": e.get("retention_after", float("nan")),
+            "relearn_retain_before": e.get("retention_before", float("nan")),
+            "relearn_final_loss": (e.get("epoch_loss") or [float("nan")])[-1],
+            "relearn_epochs_done": float(len(self.rows) - 1) if self.rows else 0.0,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        out = super().to_dict()
+        out["curve"] = self.rows
+        out["metrics"] = self.metrics()
+        return out
+
+
 def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
-                  ctx: AttackContext) -> tuple[AttackResult, nn.Module]:
+                  ctx: AttackContext) -> tuple[RelearnResult, nn.Module]:
     """Run the relearning attack; returns the result and the relearned model (see module doc)."""
     s = merge_settings("relearn", RELEARN_DEFAULTS, cfg)
     _check(s)
     mode = s["name"]
     name = f"relearn_{mode}"
     if mode == "none":
-        return AttackResult(name=name, accuracy=float("nan"), status="skipped", reason="relearn=none"), model
+        return RelearnResult(name=name, accuracy=float("nan"), status="skipped", reason="relearn=none"), model
     t0 = time.perf_counter()
     eval_qs = questions(concept, ctx.eval_split, ctx.max_questions)
     retain_qs = questions(concept, ctx.retain_split, ctx.max_questions) if ctx.retain_split in concept.mc else []
@@ -192,7 +215,7 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
     if mode == "lora" and s["merge_lora"]:
         result_model = trained.merge_and_unload()
     final = curve[-1]
-    res = AttackResult(
+    res = RelearnResult(
         name=name,
         accuracy=final["qa_acc"],  # after the last completed epoch (status says if training stopped early)
         per_variant={f"epoch_{r['epoch']}": r["qa_acc"] for r in curve},
@@ -224,7 +247,15 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
 
 @register_attack("relearn")
 def run_relearn(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
-                ctx: AttackContext) -> AttackResult:
-    """The attack protocol's entry: returns only the result (the relearned copy is dropped)."""
+                ctx: AttackContext | None = None, *, seed: int | None = None, template: str | None = None,
+                batch_size: int | None = None, progress: bool | None = None) -> RelearnResult:
+    """The attack protocol's entry: returns only the result (the relearned copy is dropped).
+
+    ``ctx`` may be omitted and its fields given as keywords (seed, template, batch_size, progress).
+    """
+    ctx = copy.copy(ctx) if ctx is not None else AttackContext()
+    for key, val in (("seed", seed), ("template", template), ("batch_size", batch_size), ("progress", progress)):
+        if val is not None:
+            setattr(ctx, key, val)
     res, _ = relearn_model(model, tok, concept, cfg, ctx)
     return res

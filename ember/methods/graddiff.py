@@ -12,8 +12,14 @@ from typing import Any
 import torch
 
 from ember.methods.base import Method, MethodContext, MethodReport, register_method
-from ember.methods.training import (LM_DEFAULTS, BatchCycler, LMUnlearningMethod, StepOutput, check_non_negative,
-                                    mean_nll)
+from ember.methods.training import (
+    LM_DEFAULTS,
+    BatchCycler,
+    LMUnlearningMethod,
+    StepOutput,
+    check_non_negative,
+    mean_nll,
+)
 
 
 @register_method

@@ -17,8 +17,16 @@ import torch
 import torch.nn.functional as F
 
 from ember.methods.base import Method, MethodContext, MethodReport, register_method
-from ember.methods.training import (LM_DEFAULTS, BatchCycler, LMUnlearningMethod, StepOutput, check_non_negative,
-                                    check_positive, mean_nll, sequence_logprob)
+from ember.methods.training import (
+    LM_DEFAULTS,
+    BatchCycler,
+    LMUnlearningMethod,
+    StepOutput,
+    check_non_negative,
+    check_positive,
+    mean_nll,
+    sequence_logprob,
+)
 
 
 @register_method

@@ -15,7 +15,9 @@ passes stop at the hooked layer (later layers cannot change the loss).
 
 Layers are relative to depth by default (see ``ember.methods.training``): ``layer: 0.25`` and
 ``layer_ids: null`` (= the hooked layer and the two before it, the pattern of every paper setting).
-``steps: null`` = one pass, ``min(#forget batches, #retain batches)`` steps, as in the reference.
+``steps: null`` = one pass, ``min(#forget batches, #retain batches)`` steps, as in the reference; the
+default (24 steps at lr 1e-3) is calibrated for SmolLM2-135M on a CPU, where one pass at the paper's
+learning rates does not move the model (docs/methods.md).
 """
 
 from __future__ import annotations
@@ -28,10 +30,25 @@ from torch.func import functional_call
 
 from ember.errors import DataError
 from ember.methods.base import Method, MethodContext, MethodReport, register_method
-from ember.methods.training import (BatchCycler, StepOutput, TokenBatch, bad_param, check_layer_spec,
-                                    check_non_negative, check_positive, check_positive_int, layer_output,
-                                    make_batches, model_device, named_in_layers, require, resolve_layer,
-                                    seeded_shuffle, train_loop)
+from ember.methods.training import (
+    BatchCycler,
+    StepOutput,
+    TokenBatch,
+    bad_param,
+    check_layer_spec,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    layer_output,
+    make_batches,
+    model_device,
+    named_in_layers,
+    plain_params,
+    require,
+    resolve_layer,
+    seeded_shuffle,
+    train_loop,
+)
 
 
 def control_vector(d_model: int, seed: int) -> torch.Tensor:
@@ -57,12 +74,12 @@ class RMU(Method):
         "layer": 0.25,  # hooked layer: fraction of depth (float) or absolute index (int)
         "layer_ids": None,  # trained layers; null = [layer-2, layer-1, layer]
         "param_names": ["mlp.down_proj.weight"],  # trained tensors, by name within each decoder layer
-        "steering_coeff": 100.0,
-        "alpha": 100.0,  # retain weight
-        "lr": 5e-5,
+        "steering_coeff": 300.0,  # paper grid {30, 100, 300, 1000}
+        "alpha": 10.0,  # retain weight; paper grid (Gemma) {10, 30, 50, 100}
+        "lr": 1e-3,  # CPU calibration on SmolLM2 (docs/methods.md); paper grid {1e-5, 1e-4, 3e-4}
         "batch_size": 16,
         "max_length": 512,
-        "steps": None,  # null = one pass over the data (the reference)
+        "steps": 24,  # null = one pass over the data (the reference: min(#forget, #retain batches))
         "mask_padding": True,  # false = the reference's MSE over every position, padding included
         "adam_eps": 1e-6,
         "weight_decay": 0.0,
@@ -70,7 +87,7 @@ class RMU(Method):
     }
 
     def check_params(self) -> None:
-        p = self.params
+        self.params = p = plain_params(self.params)
         check_layer_spec("layer", p["layer"])
         if p["layer_ids"] is not None:
             ids = p["layer_ids"]

@@ -42,8 +42,19 @@ from ember.errors import DataError
 from ember.factorize import semi_nmf
 from ember.features import BACKGROUND_ONLY, CONCEPT_ONLY, label_tokens
 from ember.methods.base import Method, MethodContext, MethodReport, register_method
-from ember.methods.training import (StopForward, bad_param, check_layer_range, check_non_negative, check_positive,
-                                    check_positive_int, make_batches, model_device, require, resolve_layer_range)
+from ember.methods.training import (
+    StopForward,
+    bad_param,
+    check_layer_range,
+    check_non_negative,
+    check_positive,
+    check_positive_int,
+    make_batches,
+    model_device,
+    plain_params,
+    require,
+    resolve_layer_range,
+)
 
 log = logging.getLogger(__name__)
 
@@ -170,6 +181,10 @@ def texts_digest(concept: list[str], neutral: list[str]) -> str:
 # the method
 
 
+class FitFailed(Exception):
+    """The factorization of a layer could not be computed (reported as a diverged run)."""
+
+
 @dataclass
 class FeatureEdit:
     layer: int
@@ -210,7 +225,7 @@ class SNMF(Method):
     }
 
     def check_params(self) -> None:
-        p = self.params
+        self.params = p = plain_params(self.params)
         check_layer_range("in_layers", p["in_layers"])
         check_layer_range("out_layers", p["out_layers"])
         check_non_negative(p, "in_delta")
@@ -246,9 +261,14 @@ class SNMF(Method):
             d_mlp, n = acts.shape[1], acts.shape[0]
             if p["rank"] > min(d_mlp, n):
                 raise bad_param("rank", p["rank"], f"must not exceed min(d_mlp={d_mlp}, occurrences={n}) at layer {layer}")
-            res = semi_nmf(acts.T, p["rank"], p["f_sparsity"], p["reg"], p["reg_tries"], p["tol"], p["patience"],
-                           p["max_iter"], p["stopping"], p["plateau_rel_tol"], p["plateau_patience"], ctx.seed,
-                           p["fit_device"], ctx.progress)
+            if not torch.isfinite(acts).all():
+                raise FitFailed(f"layer {layer}: the MLP activations contain NaN/inf")
+            try:
+                res = semi_nmf(acts.T, p["rank"], p["f_sparsity"], p["reg"], p["reg_tries"], p["tol"], p["patience"],
+                               p["max_iter"], p["stopping"], p["plateau_rel_tol"], p["plateau_patience"], ctx.seed,
+                               p["fit_device"], ctx.progress)
+            except RuntimeError as exc:  # every ridge value failed (ember.factorize)
+                raise FitFailed(f"layer {layer}: {exc}") from exc
             labels = occurrence_labels(ids, src < n_concept, set(ctx.tokenizer.all_special_ids), p["occurrence_labels"])
             stats = feature_ratios(res.G, labels)
             del acts
@@ -331,7 +351,12 @@ class SNMF(Method):
             report.seconds = time.perf_counter() - start
             return report
         hits0 = getattr(ctx.cache, "hits", 0)
-        plans, info = self.plan(ctx, sorted(set(in_layers) | set(out_layers)))
+        try:
+            plans, info = self.plan(ctx, sorted(set(in_layers) | set(out_layers)))
+        except FitFailed as exc:  # nothing has been written to the model yet
+            report.status, report.reason = "diverged", f"semi-NMF fit failed: {exc}"
+            report.seconds = time.perf_counter() - start
+            return report
         blocks = decoder_layers(ctx.model)
         full = {id(prm): name for name, prm in ctx.model.named_parameters()}
         changed: list[str] = []

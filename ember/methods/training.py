@@ -35,6 +35,14 @@ from ember.methods.base import MethodReport, loss_guard
 # parameter checks
 
 
+def plain_params(params: dict[str, Any]) -> dict[str, Any]:
+    """Hydra hands ``ListConfig``/``DictConfig`` values; checks and code want plain lists and dicts."""
+    from omegaconf import DictConfig, ListConfig, OmegaConf
+
+    return {k: OmegaConf.to_container(v, resolve=True) if isinstance(v, (DictConfig, ListConfig)) else v
+            for k, v in params.items()}
+
+
 def bad_param(key: str, value: Any, fix: str) -> ConfigError:
     return ConfigError(f"method.params.{key}={value!r}: {fix}")
 
@@ -402,7 +410,7 @@ class LMUnlearningMethod:
     params: dict[str, Any]
 
     def check_lm_params(self) -> None:
-        p = self.params
+        self.params = p = plain_params(self.params)
         for k in ("steps", "batch_size", "max_length"):
             check_positive_int(p, k)
         check_positive(p, "lr")

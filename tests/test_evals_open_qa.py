@@ -1,0 +1,177 @@
+"""Open QA: the local judge on hand-made pairs, answer extraction, and the LLM judge against a local HTTP server."""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from omegaconf import OmegaConf
+
+from ember.config import EvalConfig
+from ember.data import OpenQuestion
+from ember.errors import ConfigError
+from ember.evals.llm_judge import ChatClient, JudgeError, parse_correct, parse_rating, rate_coherence
+from ember.evals.open_qa import extract_answer, judge_answers, local_judge, normalize_answer, token_f1
+
+# --------------------------------------------------------------------------------------------------
+# the local judge
+
+
+@pytest.mark.parametrize("pred, gold, ok, rule", [
+    ("Hedwig", "Hedwig", True, "exact"),
+    ("hedwig.", "Hedwig", True, "exact"),
+    ("The answer is Hedwig, a snowy owl.", "Hedwig", True, "contained"),
+    ("J.K. Rowling wrote them", "J. K. Rowling", True, "contained"),  # both normalise to "j k rowling"
+    ("Rowling", "J. K. Rowling", False, "none"),  # P = 1, R = 1/3: F1 = 0.5 < 0.6
+    ("Severus Snape", "Snape", True, "contained"),
+    ("Expecto Patronum charm", "Expecto Patronum", True, "contained"),
+    ("Errol", "Hedwig", False, "none"),
+    ("", "Hedwig", False, "none"),
+    ("Hedwigs", "Hedwig", False, "none"),  # containment is whole-word
+    ("1945", "In 1945", True, "f1"),  # "1945" vs "in 1945": P = 1, R = 1/2, F1 = 0.67
+    ("the Ministry of Magic building", "Ministry of Magic", True, "contained"),
+])
+def test_local_judge_pairs(pred: str, gold: str, ok: bool, rule: str) -> None:
+    got_ok, f1, got_rule = local_judge(pred, gold, f1_threshold=0.6)
+    assert got_ok is ok, (pred, gold, f1, got_rule)
+    assert got_rule == rule
+
+
+def test_local_judge_f1_rule_and_threshold() -> None:
+    # "harry and ron" vs "harry ron and hermione": common 3 tokens, P = 1, R = 3/4 -> F1 = 6/7
+    assert token_f1("Harry and Ron", "Harry, Ron and Hermione") == pytest.approx(6 / 7)
+    ok, f1, rule = local_judge("Harry and Ron", "Harry, Ron and Hermione", f1_threshold=0.5)
+    assert ok and rule == "f1"
+    assert not local_judge("Harry and Ron", "Harry, Ron and Hermione", f1_threshold=0.9)[0]
+
+
+def test_normalisation_and_f1_hand_computed() -> None:
+    assert normalize_answer("  The Boy-Who-Lived!  ") == "boy who lived"
+    assert token_f1("boy who lived", "the boy who lived") == 1.0
+    assert token_f1("x y z w", "x y") == pytest.approx(2 * 0.5 * 1 / 1.5)
+    assert token_f1("a cat", "the cat") == 1.0  # articles are dropped
+    assert token_f1("", "x") == 0.0
+
+
+def test_extract_answer() -> None:
+    assert extract_answer(" Hedwig\nQuestion: What is...") == "Hedwig"
+    assert extract_answer("\n\n  Hogwarts School  \nmore") == "Hogwarts School"
+    assert extract_answer("\nQuestion: Who?") == ""
+    assert extract_answer("   ") == ""
+
+
+# --------------------------------------------------------------------------------------------------
+# the LLM judge on an OpenAI-style server
+
+
+class _Judge(BaseHTTPRequestHandler):
+    """Grades by substring: correct iff the reference answer appears in the attempt; 0-2 ratings fixed."""
+
+    fail_first = 0
+    seen: list[dict[str, Any]] = []
+
+    def do_POST(self) -> None:  # noqa: N802
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        type(self).seen.append({"path": self.path, "body": body, "auth": self.headers.get("Authorization")})
+        if type(self).fail_first > 0:
+            type(self).fail_first -= 1
+            self.send_response(503)
+            self.end_headers()
+            return
+        text = body["messages"][-1]["content"]
+        if "Reference answer:" in text:
+            gold = re.search(r"Reference answer: (.*)", text).group(1).strip().lower()
+            pred = re.search(r"Attempted answer: (.*)", text).group(1).strip().lower()
+            reply = f"The attempt {'matches' if gold in pred else 'differs'}.\nCorrect: {int(gold in pred)}"
+        elif "Rate only the fluency" in text:
+            reply = "Readable.\nRating: [[1]]"
+        else:
+            reply = "On topic.\nRating: [[2]]"
+        out = json.dumps({"id": "x", "object": "chat.completion", "model": body["model"], "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": reply}, "finish_reason": "stop"}]}).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(out)))
+        self.end_headers()
+        self.wfile.write(out)
+
+    def log_message(self, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture
+def judge_url() -> Iterator[str]:
+    _Judge.seen = []
+    _Judge.fail_first = 0
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+QS = [OpenQuestion("a", "What is the name of Harry's owl?", "Hedwig"),
+      OpenQuestion("b", "Who is the headmaster of Hogwarts?", "Dumbledore"),
+      OpenQuestion("c", "What sport is played on broomsticks?", "Quidditch")]
+
+
+def test_llm_judge_verdicts_from_server(judge_url: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("EMBER_TEST_KEY", "secret-token")
+    client = ChatClient(judge_url, "judge-model", api_key_env="EMBER_TEST_KEY", backoff_s=0.01)
+    res = judge_answers(QS, ["It is Hedwig.", "Snape", ""], judge="llm", client=client, threads=3)
+    assert [i.correct for i in res.items] == [True, False, False]
+    assert res.acc == pytest.approx(1 / 3) and res.judge == "llm"
+    assert len(_Judge.seen) == 2  # the empty answer is wrong without a call
+    assert all(s["path"] == "/v1/chat/completions" for s in _Judge.seen)
+    assert all(s["auth"] == "Bearer secret-token" for s in _Judge.seen)
+    assert _Judge.seen[0]["body"]["model"] == "judge-model"
+
+
+def test_llm_judge_retries_transient_errors(judge_url: str) -> None:
+    _Judge.fail_first = 2
+    client = ChatClient(judge_url, "m", api_key_env=None, backoff_s=0.01, max_retries=3)
+    assert client.chat([{"role": "user", "content": "Reference answer: x\nAttempted answer: x"}]).endswith("Correct: 1")
+    assert client.calls == 3
+    _Judge.fail_first = 5
+    with pytest.raises(JudgeError, match="no usable answer"):
+        client.chat([{"role": "user", "content": "hi"}])
+
+
+def test_coherence_ratings_from_server(judge_url: str) -> None:
+    client = ChatClient(judge_url, "m", backoff_s=0.01)
+    assert rate_coherence(client, "Describe autumn.", "Leaves fall and turn red.") == (2, 1, False)
+    assert rate_coherence(client, "Describe autumn.", "  ") == (0, 0, False)
+
+
+def test_parsers() -> None:
+    assert parse_correct("Matches the reference.\nCorrect: 1") is True
+    assert parse_correct("Correct: 0 because it is wrong\n(no more)") is False  # fallback anywhere
+    assert parse_correct("**Correct:** 1") is True
+    assert parse_correct("no verdict") is None
+    assert parse_rating("Fine.\nRating: [[2]]") == 2 and parse_rating("Rating: 3") is None
+
+
+def test_suite_uses_the_llm_judge_from_config(tiny, judge_url: str) -> None:
+    from ember.data import ConceptStore
+    from ember.evals.suite import evaluate
+    from ember.paths import STARTER_DIR
+
+    store = ConceptStore(STARTER_DIR)
+    concept = store.concept("Harry Potter")
+    cfg = OmegaConf.structured(EvalConfig(open_judge="llm", llm_endpoint=judge_url, max_questions=3,
+                                          open_max_new_tokens=4))
+    scores = evaluate(tiny.model, tiny.tokenizer, concept, store, cfg, "train", parts=["open_qa"])
+    assert scores["judge"] == "llm" and scores["open_qa_n"] == 3
+    assert [r["set"] for r in scores["rows"]] == ["open_qa"] * 3
+    assert 0 < len(_Judge.seen) <= 3  # one call per non-empty answer
+    cfg.llm_endpoint = None
+    with pytest.raises(ConfigError, match="llm_endpoint"):
+        evaluate(tiny.model, tiny.tokenizer, concept, store, cfg, "train", parts=["open_qa"])
