@@ -119,7 +119,7 @@ def _init_factors(n: int, d: int, k: int, seed: int, device: torch.device, nonne
 def _fit_once(
     A: torch.Tensor,
     rank: int,
-    step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor]],
+    step: Callable[[torch.Tensor, torch.Tensor, float], tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
     reg: float,
     seed: int,
     stopper: _Stopper,
@@ -137,9 +137,10 @@ def _fit_once(
     bar = tqdm(total=max_iter, desc=desc, disable=not progress, leave=False)
     it = 0
     for it in range(max_iter):
-        F, G = step(F, G, reg)
-        # ||A - F G^T||^2 = ||A||^2 - 2 <A G, F> + <F^T F, G^T G>, without forming the d x n residual
-        loss = a_sq - 2.0 * float(((A @ G).double() * F.double()).sum()) + float(
+        F, G, AtF = step(F, G, reg)
+        # ||A - F G^T||^2 = ||A||^2 - 2 <G, A^T F> + <F^T F, G^T G>, without forming the d x n residual;
+        # A^T F is the product the G-step already computed with the same F.
+        loss = a_sq - 2.0 * float((AtF.double() * G.double()).sum()) + float(
             ((F.T @ F).double() * (G.T @ G).double()).sum())
         if not math.isfinite(loss):
             raise torch.linalg.LinAlgError(f"non-finite loss at iteration {it} (reg={reg})")
@@ -208,11 +209,12 @@ def sparse_factorize(
     At = A.T.contiguous()
 
     def make_step() -> Callable:
-        def step(F: torch.Tensor, G: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(F: torch.Tensor, G: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             F = ridge_solve(G, A @ G, r)  # F = A G (G^T G + rI)^-1
             F, G = normalise_columns(F, G)
-            G = ridge_solve(F, At @ F, r)  # G = A^T F (F^T F + rI)^-1
-            return F, keep_top_per_column(G, m)
+            AtF = At @ F
+            G = ridge_solve(F, AtF, r)  # G = A^T F (F^T F + rI)^-1
+            return F, keep_top_per_column(G, m), AtF
         return step
 
     return _with_ridge_retries(
@@ -247,7 +249,7 @@ def semi_nmf(
     At = A.T.contiguous()
 
     def make_step() -> Callable:
-        def step(F: torch.Tensor, G: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor]:
+        def step(F: torch.Tensor, G: torch.Tensor, r: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
             F = ridge_solve(G, A @ G, r)
             F = keep_top_fraction_threshold(F, f_sparsity)
             F, G = normalise_columns(F, G)
@@ -256,7 +258,7 @@ def semi_nmf(
             Pp, Pn = (P.abs() + P) / 2, (P.abs() - P) / 2
             Qp, Qn = (Q.abs() + Q) / 2, (Q.abs() - Q) / 2
             G = G * torch.sqrt((Pp + G @ Qn) / (Pn + G @ Qp + eps))
-            return F, G
+            return F, G, P
         return step
 
     return _with_ridge_retries(

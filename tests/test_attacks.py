@@ -82,6 +82,12 @@ def test_registry_configs_and_recovered_fraction() -> None:
         assert enabled_attacks(cfg) == want
         for a in want:  # every sub-dict is accepted by its attack's settings
             P.merge_settings(a, _defaults(a), cfg.get(a))
+    from ember.attacks.relearn import RELEARN_DEFAULTS
+    from ember.config import RelearnConfig
+
+    for path in sorted((ROOT / "conf" / "relearn").glob("*.yaml")):  # every preset fits the relearn settings
+        cfg = OmegaConf.merge(OmegaConf.structured(RelearnConfig), OmegaConf.load(path))
+        P.merge_settings("relearn", RELEARN_DEFAULTS, cfg)
     with pytest.raises(ConfigError, match="unknown attack 'nope'"):
         enabled_attacks({"enabled": ["nope"]})
     with pytest.raises(ConfigError, match=r"attacks.incontext: unknown key\(s\) \['kk'\]"):
@@ -251,8 +257,8 @@ def test_token_evasion_attack(tiny, concept, monkeypatch) -> None:
     res2 = ATTACKS["token_evasion"](tiny.model, tok, concept, {"variants": ["auto"]}, AttackContext())
     assert res2.extra["edited_source"] == "key_terms" and res2.extra["variants"]["auto"]["frac_avoided"] == 1.0
     fallback = P.key_term_token_ids(tok, concept.key_terms)
-    assert _ids(tok, " Harry", " Potter", " Boy", " Hog") <= fallback
-    assert not _ids(tok, " Who", " The", "H", "ter") & fallback  # stop words and sub-word pieces stay out
+    assert _ids(tok, " Harry", " Potter", " Boy") <= fallback
+    assert not _ids(tok, " Who", " The", "H", "ter", " Hog") & fallback  # stop words and sub-word pieces stay out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -406,6 +412,11 @@ def test_relearn_divergence_is_reported(tiny, concept) -> None:
                            AttackContext())
     assert res.status == "diverged" and "loss became nan" in res.reason
     assert len(res.rows) == 1  # only the epoch-0 point
+    from ember.attacks.relearn import run_relearn
+
+    out = run_relearn(tiny.model, tiny.tokenizer, concept, {"name": "full", "epochs": 1, "max_paragraphs": 1},
+                      seed=0, template=TEMPLATE, batch_size=4).to_dict()  # the pipeline's call
+    assert [r["epoch"] for r in out["curve"]] == [0, 1] and out["metrics"]["relearn_acc"] == out["accuracy"]
     res_none = ATTACKS["relearn"](tiny.model, tiny.tokenizer, concept, {"name": "none"}, AttackContext())
     assert res_none.status == "skipped"
     with pytest.raises(ConfigError, match="relearn.name"):

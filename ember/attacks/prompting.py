@@ -277,7 +277,7 @@ def run_incontext(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | N
 
 _WORD = re.compile(r"[^\W_]+")
 _VOWELS = "aeiou"
-STRATEGIES = ("alias", "case", "split", "misspell")
+STRATEGIES = ("case", "split", "misspell", "alias")  # "auto" order: least information lost first
 _STOPWORDS = frozenset("a an and as at by for from in is it of on or the to was who with".split())
 
 
@@ -360,37 +360,30 @@ class Rewrite:
     avoided: bool  # the rewritten text contains no edited token
 
 
-def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str] = STRATEGIES,
-                 key_terms: Sequence[str] = (), max_rounds: int = 50) -> Rewrite:
-    """Rewrite the words of ``text`` whose tokens are edited, until no edited token is left.
-
-    Greedy, left to right: key terms first (replaced by an alias when ``alias`` is a strategy), then
-    each offending word gets the first candidate (over ``strategies``, in order) whose tokens, in
-    context, avoid the edited set. A word no candidate fixes is left as it is.
-    """
-    spans = edited_spans(tok, text, edited)
-    if not spans:
-        return Rewrite(text, [], needed=False, avoided=True)
-    changes: list[tuple[str, str]] = []
-    if "alias" in strategies and key_terms:
-        for term in sorted(key_terms, key=len, reverse=True):
-            pat = re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)", re.IGNORECASE)
-            pos = 0
-            while True:
-                m = pat.search(text, pos)
-                if not m:
+def _alias_pass(tok: Any, text: str, edited: set[int], key_terms: Sequence[str],
+                changes: list[tuple[str, str]]) -> str:
+    for term in sorted(key_terms, key=len, reverse=True):
+        pat = re.compile(r"(?<!\w)" + re.escape(term) + r"(?!\w)", re.IGNORECASE)
+        pos = 0
+        while True:
+            m = pat.search(text, pos)
+            if not m:
+                break
+            lo, hi = m.span()
+            pos = hi
+            if not _overlaps(edited_spans(tok, text, edited), lo, hi):
+                continue
+            for alias in term_aliases(term, key_terms):
+                new = text[:lo] + alias + text[hi:]
+                if not _overlaps(edited_spans(tok, new, edited), lo, lo + len(alias)):
+                    changes.append((m.group(0), alias))
+                    text, pos = new, lo + len(alias)
                     break
-                lo, hi = m.span()
-                pos = hi
-                if not _overlaps(edited_spans(tok, text, edited), lo, hi):
-                    continue
-                for alias in term_aliases(term, key_terms):
-                    new = text[:lo] + alias + text[hi:]
-                    if not _overlaps(edited_spans(tok, new, edited), lo, lo + len(alias)):
-                        changes.append((m.group(0), alias))
-                        text, pos = new, lo + len(alias)
-                        break
-    word_strats = [s for s in strategies if s != "alias"]
+    return text
+
+
+def _word_pass(tok: Any, text: str, edited: set[int], strategies: Sequence[str], max_rounds: int,
+               changes: list[tuple[str, str]]) -> str:
     given_up: set[tuple[int, str]] = set()
     for _ in range(max_rounds):
         spans = edited_spans(tok, text, edited)
@@ -403,7 +396,7 @@ def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str
             break
         lo, hi, word = target.start(), target.end(), target.group(0)
         fixed = False
-        for strat in word_strats:
+        for strat in strategies:
             for cand in word_variants(word, strat):
                 new = text[:lo] + cand + text[hi:]
                 if not _overlaps(edited_spans(tok, new, edited), lo, lo + len(cand)):
@@ -414,33 +407,57 @@ def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str
                 break
         if not fixed:
             given_up.add((lo, word))
+    return text
+
+
+def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str] = STRATEGIES,
+                 key_terms: Sequence[str] = (), max_rounds: int = 50) -> Rewrite:
+    """Rewrite the words of ``text`` whose tokens are edited, until no edited token is left.
+
+    Greedy, left to right. Two passes, in the order ``strategies`` names them: the word pass gives
+    each offending word the first candidate (over the word strategies, in order) whose tokens, in
+    context, avoid the edited set; the alias pass replaces an offending key term by an alias. What
+    no candidate fixes is left as it is.
+    """
+    if not edited_spans(tok, text, edited):
+        return Rewrite(text, [], needed=False, avoided=True)
+    changes: list[tuple[str, str]] = []
+    word_strats = [s for s in strategies if s != "alias"]
+    use_alias = "alias" in strategies and bool(key_terms)
+    alias_first = use_alias and (not word_strats or strategies.index("alias") < strategies.index(word_strats[0]))
+    passes = (["alias"] if alias_first else []) + (["word"] if word_strats else []) + \
+        (["alias"] if use_alias and not alias_first else [])
+    for p in passes:
+        if p == "alias":
+            text = _alias_pass(tok, text, edited, key_terms, changes)
+        else:
+            text = _word_pass(tok, text, edited, word_strats, max_rounds, changes)
     return Rewrite(text, changes, needed=True, avoided=avoids(tok, text, edited))
 
 
 def key_term_token_ids(tok: Any, key_terms: Sequence[str]) -> set[int]:
     """A stand-in edited set built from the key terms, for jobs that edited no tokens.
 
-    For every word of every key term (stop words excepted): the first token of ``" " + word``
-    and, when it is a single token, ``word`` itself — the whole-word tokens an embedding edit
-    targets, not the generic sub-word pieces a long word splits into.
+    The words of the key terms (stop words excepted) that are a single token, with and without a
+    leading space: the whole-word tokens an embedding edit targets. Words split into several
+    tokens contribute nothing — their pieces (``" D"``, ``" Gr"``, ``"arts"``) are generic and
+    would make every capitalised word "edited".
     """
     out: set[int] = set()
     for term in key_terms:
         for word in term.split():
             if word.lower() in _STOPWORDS:
                 continue
-            spaced = tok(" " + word, add_special_tokens=False)["input_ids"]
-            if spaced:
-                out.add(spaced[0])
-            bare = tok(word, add_special_tokens=False)["input_ids"]
-            if len(bare) == 1:
-                out.add(bare[0])
+            for form in (" " + word, word):
+                ids = tok(form, add_special_tokens=False)["input_ids"]
+                if len(ids) == 1:
+                    out.add(ids[0])
     return out
 
 
 TOKEN_EVASION_DEFAULTS: dict[str, Any] = {
     # one variant per entry: "auto" chains every strategy; a single name uses only that strategy
-    "variants": ["auto", "alias", "case", "split", "misspell"],
+    "variants": ["auto", "case", "split", "misspell", "alias"],
     "rewrite_options": True,  # also rewrite the answer options (they are scored as continuations)
     "fallback": "key_terms",  # edited set when ctx.edited_token_ids is empty: key_terms | none
 }

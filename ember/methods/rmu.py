@@ -131,7 +131,7 @@ class RMU(Method):
         dev = model_device(model)
         if not ctx.forget_texts or not ctx.retain_texts:
             raise DataError("RMU needs both forget (concept) and retain (neutral) texts; one list is empty")
-        # one shuffle stream for forget then retain, like the reference's random.Random(42)
+        # forget and retain texts shuffled with the job seed (the reference: one random.Random(42) for both)
         fb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.forget_texts, ctx.seed), p["batch_size"], p["max_length"], dev)
         rb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.retain_texts, ctx.seed + 1), p["batch_size"], p["max_length"], dev)
         steps = p["steps"] if p["steps"] is not None else min(len(fb), len(rb))
