@@ -211,37 +211,85 @@ class ConceptRun:
         del model
         return float(got["delta"]), got["rows"]
 
+    def _method_params(self) -> dict[str, Any]:
+        return OmegaConf.to_container(self.cfg.method.params, resolve=True) or {}
+
+    def _run_method(self, model: torch.nn.Module, params: dict[str, Any]) -> Any:
+        from ember.methods import MethodContext, get_method
+
+        seed_everything(self.cfg.seed)
+        method = get_method(self.cfg.method.name, params)
+        ctx = MethodContext(model=model, tokenizer=self.lm.tokenizer, facts=self.lm.facts,
+                            forget_texts=list(self.concept.sentences), retain_texts=list(self.store.neutral),
+                            concept=self.concept.name, seed=self.cfg.seed, progress=self._progress(), cache=self.cache)
+        model.requires_grad_(False)
+        rep = method.apply(ctx)
+        model.eval()
+        model.requires_grad_(False)
+        return rep
+
+    def _edited_copy(self, delta: float) -> torch.nn.Module:
+        from ember.edit import EmbeddingEditor
+
+        model = copy.deepcopy(self.lm.model)
+        if self.cfg.ember.enabled and delta > 0:
+            EmbeddingEditor(model, self.lm.facts.embed_scale).apply(self._plan, delta)
+        return model
+
+    def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
+        """The paper's grid protocol for the base method (``method.search=quick|full``)."""
+        from ember.evals.suite import RETENTION_KEYS, enabled_parts, evaluate, relative
+        from ember.search import method_cells, search
+
+        base = self._method_params()
+        if self.cfg.method.search == "none" or self.cfg.method.name == "none":
+            return base, None
+        base_train = self._base_scores("train")
+        grid_parts = [p for p in enabled_parts(self.cfg.eval) if p not in ("coherence", "open_qa", "lm_eval")]
+
+        def score_cell(cell: dict[str, Any], with_coherence: bool) -> dict[str, Any]:
+            model = self._edited_copy(delta)
+            rep = self._run_method(model, {**base, **cell})
+            if rep.status != "ok":
+                return {"harmonic": 0.0, "harmonic_alpaca": 0.0, "status": rep.status, "reason": rep.reason}
+            parts = grid_parts + (["coherence"] if with_coherence and self.cfg.eval.coherence else [])
+            s = evaluate(model, self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train",
+                         judge_model=self.lm.model, parts=parts)
+            s.pop("rows", None)
+            return relative(s, base_train)
+
+        res = search(method_cells(self.cfg.method), score_cell, RETENTION_KEYS, self.cfg.method.retention_gate,
+                     self.cfg.method.top_k_validate, self.files.concept_dir(self.slug))
+        log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],
+                 res["n_passing"], res["n_cells"])
+        return {**base, **res["best_params"]}, res
+
     def erase(self, need_model: bool) -> dict[str, Any] | None:
         from ember.edit import EmbeddingEditor
-        from ember.methods import MethodContext, get_method
 
         done = self._done("erase")
         if done and not need_model:
             return self.files.read_stage(self.slug, "erase")
         t0 = time.perf_counter()
         seed_everything(self.cfg.seed)
-        self.work = copy.deepcopy(self.lm.model)
         result: dict[str, Any] = {"ember": bool(self.cfg.ember.enabled)}
+        delta = 0.0
         if self.cfg.ember.enabled:
             self._ensure_plan()
-            base_train = self._base_scores("train")
-            delta, rows = self._delta(base_train)
-            rep = EmbeddingEditor(self.work, self.lm.facts.embed_scale).apply(self._plan, delta, self.lm.tokenizer)
-            self.edited_ids = self._plan.token_ids.tolist() if delta > 0 else []
-            result["edit"] = rep.summary()
+            delta, rows = self._delta(self._base_scores("train"))
             result["delta_grid"] = rows
             if rows:
                 self.files.write_table(self.slug, "delta_grid", rows)
-        seed_everything(self.cfg.seed)
-        method = get_method(self.cfg.method.name, OmegaConf.to_container(self.cfg.method.params, resolve=True))
-        ctx = MethodContext(model=self.work, tokenizer=self.lm.tokenizer, facts=self.lm.facts,
-                            forget_texts=list(self.concept.sentences), retain_texts=list(self.store.neutral),
-                            concept=self.concept.name, seed=self.cfg.seed, progress=self._progress(), cache=self.cache)
-        self.work.requires_grad_(False)
-        mrep = method.apply(ctx)
-        self.work.eval()
-        self.work.requires_grad_(False)
+        params, search_res = self._search_params(delta)
+        self.work = copy.deepcopy(self.lm.model)
+        if self.cfg.ember.enabled:
+            rep = EmbeddingEditor(self.work, self.lm.facts.embed_scale).apply(self._plan, delta, self.lm.tokenizer)
+            self.edited_ids = self._plan.token_ids.tolist() if delta > 0 else []
+            result["edit"] = rep.summary()
+        mrep = self._run_method(self.work, params)
         result["method"] = mrep.to_dict()
+        if search_res is not None:
+            result["search"] = {k: v for k, v in search_res.items() if k != "validated"}
         edit = result.get("edit", {})
         result["metrics"] = {"delta": edit.get("delta", 0.0),
                              "n_edited_tokens": edit.get("n_tokens", 0) if edit.get("delta", 0.0) > 0 else 0,

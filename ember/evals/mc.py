@@ -6,10 +6,12 @@ multiple_choice convention: context + " " + option, argmax of the summed log-lik
 accuracy and the mean probability of the correct option (softmax over the options' summed
 log-likelihoods), a continuous measure with less noise than accuracy on small models.
 
-Speed: the question prompt is shared by its options, so it is run once per question and its
-key/value cache is fanned out to the options (``share_prefix``); only the positions that predict
-option tokens are projected to the vocabulary, in chunks (Gemma-3 has 262,144 tokens). The
-result equals scoring the full sequences (checked in tests).
+Speed (``share_prefix``): the question prompt is shared by its options, so each question is
+packed into one sequence as ``prompt, option 1, ..., option 4`` with position ids restarting
+after the prompt for each option and a block attention mask that keeps the options apart; many
+questions share one packed row, so there is no padding and the prompt is computed once. Only
+the positions that predict option tokens are projected to the vocabulary, in chunks (Gemma-3 has
+262,144 tokens). The result equals scoring each ``prompt + option`` alone (checked in tests).
 
 ``letter`` is the paper's format (reference-spec 5.3): options labelled A-D in the chat template,
 greedy generation of a few tokens, the first standalone letter A-D parsed, no letter = invalid.
@@ -105,57 +107,80 @@ def _sliding_window(model: nn.Module) -> int | None:
     return getattr(cfg, "sliding_window", None)
 
 
+def _block_mask(question: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Additive (1, 1, T, T) mask: a token sees earlier tokens of its own question's prompt and of its own option."""
+    t = question.shape[0]
+    ar = torch.arange(t)
+    allow = (question[:, None] == question[None, :]) & (ar[None, :] <= ar[:, None])
+    allow &= (branch[None, :] == -1) | (branch[None, :] == branch[:, None])
+    return torch.zeros((t, t), dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[None, None]
+
+
 @torch.no_grad()
-def _shared_prefix_batch(
-    model: nn.Module, pad: int, ctxs: list[list[int]], conts: list[list[list[int]]]
-) -> list[list[float]]:
-    """Summed log-likelihood of each continuation of each context, running each context once."""
+def _packed_row(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+    """Summed log-likelihood of each continuation of each context, all packed in one sequence.
+
+    The row holds, per question, its context once and then every option; position ids restart
+    after the context for each option and a block mask keeps options from seeing each other, so
+    each option is scored exactly as ``context + option`` alone, with no padding."""
     device = next(model.parameters()).device
-    base = _base_model(model)
-    n_q = len(ctxs)
-    lc = max(len(c) for c in ctxs)
-    ids = torch.full((n_q, lc), pad, dtype=torch.long)
-    mask = torch.zeros((n_q, lc), dtype=torch.long)
-    for r, c in enumerate(ctxs):  # left padding: the last context token is at column lc - 1
-        ids[r, lc - len(c):] = torch.tensor(c)
-        mask[r, lc - len(c):] = 1
-    pos = (mask.cumsum(-1) - 1).clamp_min(0)
-    out = base(input_ids=ids.to(device), attention_mask=mask.to(device), position_ids=pos.to(device), use_cache=True)
-    h_last = out.last_hidden_state[:, -1]
-    cache = out.past_key_values
-    owners = [r for r, cs in enumerate(conts) for _ in cs]
-    flat = [x for cs in conts for x in cs]
-    lo = max(len(x) for x in flat)
-    o_ids = torch.full((len(flat), lo), pad, dtype=torch.long)
-    o_mask = torch.zeros((len(flat), lo), dtype=torch.long)
-    for r, x in enumerate(flat):
-        o_ids[r, : len(x)] = torch.tensor(x)
-        o_mask[r, : len(x)] = 1
-    owner_t = torch.tensor(owners)
-    cache.batch_select_indices(owner_t.to(device))
-    full_mask = torch.cat([mask[owner_t], o_mask], dim=1)
-    ctx_len = torch.tensor([len(ctxs[o]) for o in owners])
-    o_pos = ctx_len[:, None] + torch.arange(lo)[None, :]
-    h_opt = base(
-        input_ids=o_ids.to(device), attention_mask=full_mask.to(device), position_ids=o_pos.to(device),
-        past_key_values=cache, use_cache=False,
-    ).last_hidden_state
-    # token 0 of option r is predicted by its context's last state, token j by option state j - 1
-    rows, tgts, seg = [], [], []
-    for r, x in enumerate(flat):
-        rows.append(h_last[owners[r]])
-        if len(x) > 1:
-            rows.extend(h_opt[r, : len(x) - 1])
-        tgts.extend(x)
-        seg.extend([r] * len(x))
-    lp, _ = token_logprobs(model, torch.stack(rows), torch.tensor(tgts, device=device))
-    sums = torch.zeros(len(flat), device=device).index_add_(0, torch.tensor(seg, device=device), lp)
-    out_ll: list[list[float]] = []
-    k = 0
-    for cs in conts:
-        out_ll.append([float(v) for v in sums[k : k + len(cs)]])
-        k += len(cs)
-    return out_ll
+    ids: list[int] = []
+    pos: list[int] = []
+    question: list[int] = []
+    branch: list[int] = []
+    predictor: list[int] = []  # index of the hidden state that predicts each option token
+    targets: list[int] = []
+    owner: list[int] = []  # flat option index of each option token
+    n_opt = 0
+    for qi, (ctx, conts) in enumerate(items):
+        ctx_last = len(ids) + len(ctx) - 1
+        ids += ctx
+        pos += list(range(len(ctx)))
+        question += [qi] * len(ctx)
+        branch += [-1] * len(ctx)
+        for k, cont in enumerate(conts):
+            start = len(ids)
+            ids += cont
+            pos += list(range(len(ctx), len(ctx) + len(cont)))
+            question += [qi] * len(cont)
+            branch += [k] * len(cont)
+            predictor += [ctx_last] + list(range(start, start + len(cont) - 1))
+            targets += cont
+            owner += [n_opt] * len(cont)
+            n_opt += 1
+    dtype = next(model.parameters()).dtype
+    mask = _block_mask(torch.tensor(question), torch.tensor(branch), dtype)
+    hidden = _base_model(model)(
+        input_ids=torch.tensor([ids], device=device), attention_mask=mask.to(device),
+        position_ids=torch.tensor([pos], device=device),
+    ).last_hidden_state[0]
+    lp, _ = token_logprobs(model, hidden[torch.tensor(predictor, device=device)], torch.tensor(targets, device=device))
+    sums = torch.zeros(n_opt, device=device).index_add_(0, torch.tensor(owner, device=device), lp).tolist()
+    out, k = [], 0
+    for _, conts in items:
+        out.append(sums[k : k + len(conts)])
+        k += len(conts)
+    return out
+
+
+def _pack(lengths: list[int], capacity: int) -> list[list[int]]:
+    """First-fit-decreasing bins of item indices whose lengths sum to at most ``capacity`` (or one item)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        for r in range(len(rows)):
+            if room[r] >= lengths[i]:
+                rows[r].append(i)
+                room[r] -= lengths[i]
+                break
+        else:
+            rows.append([i])
+            room.append(capacity - lengths[i])
+    return rows
+
+
+#: packed tokens per forward pass for each question of ``batch_size`` (16 questions -> 512 tokens)
+TOKENS_PER_QUESTION = 32
 
 
 def option_logliks(
@@ -185,14 +210,15 @@ def option_logliks(
         for i in plain:
             result[i] = [s.loglik for s in scored[k : k + len(options[i])]]
             k += len(options[i])
-    shared = sorted((i for i, s in enumerate(shareable) if s), key=lambda i: -len(enc[i][0][0]))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    shared = [i for i, s in enumerate(shareable) if s]
+    seg = [len(enc[i][0][0]) + sum(len(e[1]) for e in enc[i]) for i in shared]
+    rows = _pack(seg, max(batch_size * TOKENS_PER_QUESTION, max(seg, default=0)))
     from tqdm.auto import tqdm
 
-    batches = [shared[s : s + batch_size] for s in range(0, len(shared), batch_size)]
-    for batch in tqdm(batches, desc="mc", disable=not progress, leave=False):
-        lls = _shared_prefix_batch(model, pad, [enc[i][0][0] for i in batch], [[e[1] for e in enc[i]] for i in batch])
-        for i, ll in zip(batch, lls, strict=True):
+    for row in tqdm(rows, desc="mc", disable=not progress, leave=False):
+        qs = [shared[j] for j in row]
+        lls = _packed_row(model, [(enc[i][0][0], [e[1] for e in enc[i]]) for i in qs])
+        for i, ll in zip(qs, lls, strict=True):
             result[i] = ll
     return [r for r in result if r is not None]
 

@@ -1,0 +1,119 @@
+"""The paper's selection protocol for a base method's hyper-parameters (reference-spec 5.8).
+
+1. Every grid cell runs on a fresh copy of the model (EMBER-edited when on) and is scored on the
+   *train* split without coherence; a cell whose retention terms fall below
+   ``method.retention_gate`` scores 0.
+2. The ``top_k_validate`` best cells by harmonic are re-scored with coherence.
+3. The best by harmonic_alpaca wins; the caller then evaluates it once on the test split.
+
+Each scored cell is appended to a JSONL file in the job directory as soon as it finishes, so an
+interrupted search resumes where it stopped (a torn last line is ignored, duplicates collapse).
+When no cell passes the gate, the best-harmonic cell is kept and flagged ``gate_pass: false``.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+import json
+import logging
+import math
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("ember")
+
+
+def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    if not grid:
+        return [{}]
+    keys = sorted(grid)
+    return [dict(zip(keys, vals, strict=True)) for vals in itertools.product(*(list(grid[k]) for k in keys))]
+
+
+def cell_id(params: dict[str, Any]) -> str:
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
+    """Complete records by cell id (a torn final line from a killed job is skipped)."""
+    out: dict[str, dict[str, Any]] = {}
+    if not path.exists():
+        return out
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        out[rec["cell"]] = rec
+    return out
+
+
+def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = path.read_bytes() if path.exists() else b""
+    prefix = b"" if not data or data.endswith(b"\n") else b"\n"  # never glue onto a torn line
+    with open(path, "ab") as fh:
+        fh.write(prefix + (json.dumps(rec, default=str) + "\n").encode())
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+def _finite(x: Any) -> float:
+    return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
+
+
+def search(
+    cells: list[dict[str, Any]],
+    score_cell: Callable[[dict[str, Any], bool], dict[str, Any]],
+    retention_keys: tuple[str, ...],
+    retention_gate: float,
+    top_k: int,
+    out_dir: Path,
+) -> dict[str, Any]:
+    """Run the protocol; ``score_cell(params, with_coherence)`` returns relative metrics."""
+    grid_path, val_path = out_dir / "grid.jsonl", out_dir / "grid_validate.jsonl"
+    done = read_jsonl(grid_path)
+    for i, params in enumerate(cells):
+        cid = cell_id(params)
+        if cid in done:
+            continue
+        m = score_cell(params, False)
+        gate = all(not isinstance(m.get(k), (int, float)) or not math.isfinite(m[k]) or m[k] >= retention_gate
+                   for k in retention_keys)
+        rec = {"cell": cid, "params": params, "gate_pass": gate, "score": _finite(m.get("harmonic")) if gate else 0.0,
+               **{k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}}
+        append_jsonl(grid_path, rec)
+        done[cid] = rec
+        log.info("grid cell %d/%d %s: harmonic %.3f%s", i + 1, len(cells), params, _finite(m.get("harmonic")),
+                 "" if gate else " (fails the retention gate)")
+    recs = [done[cell_id(p)] for p in cells]
+    passing = [r for r in recs if r["gate_pass"]]
+    pool = passing or sorted(recs, key=lambda r: -_finite(r.get("harmonic")))[:1]
+    top = sorted(pool, key=lambda r: -r["score"] if passing else -_finite(r.get("harmonic")))[:max(1, top_k)]
+    vals = read_jsonl(val_path)
+    for r in top:
+        if r["cell"] in vals:
+            continue
+        m = score_cell(r["params"], True)
+        v = {"cell": r["cell"], "params": r["params"], "gate_pass": r["gate_pass"],
+             **{k: x for k, x in m.items() if isinstance(x, (int, float, str, bool))}}
+        append_jsonl(val_path, v)
+        vals[r["cell"]] = v
+    best = max((vals[r["cell"]] for r in top),
+               key=lambda v: (_finite(v.get("harmonic_alpaca")) or _finite(v.get("harmonic")), -len(str(v["params"]))))
+    return {"best_params": best["params"], "gate_pass": best["gate_pass"], "n_cells": len(cells),
+            "n_passing": len(passing), "validated": [vals[r["cell"]] for r in top], "best": best}
+
+
+def method_cells(method_cfg: Any) -> list[dict[str, Any]]:
+    grid = method_cfg.quick_grid if method_cfg.search == "quick" else method_cfg.grid
+    from omegaconf import OmegaConf
+
+    return expand_grid(OmegaConf.to_container(grid, resolve=True) if not isinstance(grid, dict) else grid)
+
+
+def fresh_copy(model: Any) -> Any:
+    return copy.deepcopy(model)
