@@ -63,6 +63,8 @@ def test_extract_answer() -> None:
     assert extract_answer("\n\n  Hogwarts School  \nmore") == "Hogwarts School"
     assert extract_answer("\nQuestion: Who?") == ""
     assert extract_answer("   ") == ""
+    assert extract_answer("Ron's twin brothers are:\n- Fred\n- George\n\nMore text") == (
+        "Ron's twin brothers are: - Fred - George")
 
 
 # --------------------------------------------------------------------------------------------------

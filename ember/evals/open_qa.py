@@ -2,7 +2,8 @@
 
 Prompt ``Question: {q}\\nAnswer:`` (in the chat template when the model has one and the config
 asks for it), greedy decoding. The answer is the first non-empty line of the generation (small
-base models continue with a new ``Question:``).
+base models continue with a new ``Question:``), with the list that follows when that line ends
+with a colon.
 
 The paper judges answers with Gemini. This project's default, offline **local judge** calls an
 answer correct when, after SQuAD-style normalisation (lower case, no punctuation or articles,
@@ -99,12 +100,22 @@ def local_judge(pred: str, gold: str, f1_threshold: float = 0.5) -> tuple[bool, 
 # generation
 
 
-def extract_answer(generation: str) -> str:
-    """The first non-empty line (empty when the model skips the answer and starts a new ``Question:``)."""
-    for line in generation.splitlines():
-        if line.strip():
-            return "" if line.strip().startswith("Question:") else line.strip()
-    return ""
+def extract_answer(generation: str, max_lines: int = 5) -> str:
+    """The first non-empty line; when it ends with ``:`` (a list follows) the lines up to the next blank one.
+
+    Empty when the model skips the answer and starts a new ``Question:``."""
+    lines = [ln.strip() for ln in generation.splitlines()]
+    while lines and not lines[0]:
+        lines.pop(0)
+    if not lines or lines[0].startswith("Question:"):
+        return ""
+    out = [lines[0]]
+    if out[0].endswith(":"):
+        for ln in lines[1:max_lines]:
+            if not ln or ln.startswith("Question:"):
+                break
+            out.append(ln)
+    return " ".join(out)
 
 
 def answer_questions(

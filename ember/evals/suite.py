@@ -51,6 +51,12 @@ PART_ORDER = ("qa", "simdom", "control", "open_qa", "ppl", "coherence", "lm_eval
 _WARNED: set[str] = set()
 
 
+def _warn_once(key: str, msg: str) -> None:
+    if key not in _WARNED:
+        _WARNED.add(key)
+        log.warning(msg)
+
+
 @dataclass
 class EvalContext:
     model: nn.Module
@@ -118,10 +124,9 @@ def perplexity_texts(store: ConceptStore, cfg: Any) -> tuple[list[str], str]:
         return _cap(store.general_text, n), "general_text"
     if source == "general":
         raise ValueError("eval.perplexity_source=general but the store has no general_text.json")
-    if source == "auto" and "neutral" not in _WARNED:
-        _WARNED.add("neutral")
-        log.warning("perplexity on the neutral sentences: the factorization's background may include them, "
-                    "so an edit of concept-only tokens barely changes it (ship general_text.json to hold text out)")
+    if source == "auto":
+        _warn_once("neutral", "perplexity on the neutral sentences: the factorization's background may include "
+                   "them, so an edit of concept-only tokens barely changes it (ship general_text.json to hold text out)")
     # the tail of the seeded permutation: the factorization uses the head when it uses fewer
     return list(store.neutral[-n:] if n else store.neutral), "neutral"
 
@@ -373,9 +378,10 @@ def relative(
         of = fr["open_qa_frac"]
         out["efficacy_open"] = 1.0 - of if math.isfinite(of) else float("nan")
     if not math.isfinite(out["efficacy"]):
-        log.warning("qa_frac is undefined (base QA score at or below chance): efficacy is NaN, harmonic means 0")
+        _warn_once("qa_frac", "qa_frac is undefined (base QA score at or below chance): efficacy is NaN, "
+                   "harmonic means 0")
     for k in out.get("undefined_terms", []):
-        log.warning("%s is undefined (base score at or below chance): left out of specificity", k)
+        _warn_once(k, f"{k} is undefined (base score at or below chance): left out of specificity")
     out.update({k: scores.get(k) for k in ("judge", "coherence_judge", "fluency_judge", "mc_mode", "ppl_source")
                 if k in scores})
     out["frac_on"] = measure
