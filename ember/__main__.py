@@ -21,10 +21,10 @@ log = logging.getLogger("ember")
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
-    from ember.pipeline import run_job
-
     from hydra.core.hydra_config import HydraConfig
     from hydra.types import RunMode
+
+    from ember.pipeline import run_job
 
     try:
         return run_job(cfg)

@@ -187,28 +187,43 @@ class ConceptRun:
                "fact": OmegaConf.to_container(e.factorization), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval),
                "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid]}
-        model = copy.deepcopy(self.lm.model)
-        editor = EmbeddingEditor(model, self.lm.facts.embed_scale)
+        from ember.delta import passes_gates
+        from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS, enabled_parts
+
+        parts = enabled_parts(self.cfg.eval)
+        cheap = [p for p in parts if p not in ("coherence", "open_qa", "lm_eval")]
+
+        holder: dict[str, Any] = {}
 
         def score(delta: float) -> dict[str, Any]:
-            editor.apply(self._plan, delta)
+            if "model" not in holder:  # built only when the choice is not cached
+                holder["model"] = copy.deepcopy(self.lm.model)
+                holder["editor"] = EmbeddingEditor(holder["model"], self.lm.facts.embed_scale)
+            model = holder["model"]
+            holder["editor"].apply(self._plan, delta)
             s = evaluate(model, self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train",
-                         judge_model=self.lm.model, progress=False)
+                         judge_model=self.lm.model, progress=False, parts=cheap)
             rel = relative(s, base_train)
+            # the expensive parts only matter for a delta that passes the retention gate with a score
+            if passes_gates(rel, RETENTION_KEYS, (), e.retention_gate, 0.0) and (rel.get("efficacy") or 0) > 0:
+                rest = [p for p in parts if p not in cheap]
+                if rest:
+                    s.update({k: v for k, v in evaluate(
+                        model, self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train",
+                        judge_model=self.lm.model, progress=False, parts=rest).items() if k != "rows"})
+                    rel = relative(s, base_train)
             log.info("[%s] delta %-6g efficacy %.3f specificity %.3f coherence %s harmonic %.3f", self.concept.name,
                      delta, rel.get("efficacy", float("nan")), rel.get("specificity", float("nan")),
                      f"{rel.get('coherence', float('nan')):.3f}", rel.get("harmonic", float("nan")))
             return {k: v for k, v in rel.items() if isinstance(v, (int, float))}
 
         def build() -> dict[str, Any]:
-            from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS
-
             choice = choose_delta(list(e.delta_grid), score, RETENTION_KEYS, COHERENCE_KEYS,
                                   e.retention_gate, e.coherence_gate)
             return {"delta": choice.delta, "rows": choice.rows, "reason": choice.reason}
 
         got = self.cache.get_or_build("delta_choice", f"{self.lm.facts.name}/{self.slug}", key, build)
-        del model
+        holder.clear()
         return float(got["delta"]), got["rows"]
 
     def _method_params(self) -> dict[str, Any]:

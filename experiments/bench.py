@@ -7,13 +7,10 @@ repeated runs. Run a subset with ``--only factorization,mc``; ``--quick`` uses f
 from __future__ import annotations
 
 import argparse
-import copy
 import gc
 import os
 import platform
-import resource
 import statistics
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -30,7 +27,6 @@ from ember.config import model_preset  # noqa: E402
 from ember.data import ConceptStore  # noqa: E402
 from ember.features import count_tokens, effective_embeddings, label_tokens  # noqa: E402
 from ember.models import load_model  # noqa: E402
-from ember.paths import STARTER_DIR  # noqa: E402
 
 RELEASE = ROOT.parent / "shared" / "ember-release"
 

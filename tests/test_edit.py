@@ -12,9 +12,18 @@ import torch
 from ember.cache import ArtifactCache
 from ember.edit import EditPlan, EmbeddingEditor
 from ember.errors import ConfigError
-from ember.features import (BACKGROUND_ONLY, BOTH, CONCEPT_ONLY, EmbeddingFeatures, SelectionContext,
-                            compute_embedding_features, eligible_tokens, feature_stats, label_tokens,
-                            select_features)
+from ember.features import (
+    BACKGROUND_ONLY,
+    BOTH,
+    CONCEPT_ONLY,
+    EmbeddingFeatures,
+    SelectionContext,
+    compute_embedding_features,
+    eligible_tokens,
+    feature_stats,
+    label_tokens,
+    select_features,
+)
 
 CONCEPT = ["Harry Potter waved his wand at Hogwarts.", "Hermione cast a spell in the Great Hall.",
            "The wizard Dumbledore led the school of magic."] * 3

@@ -32,7 +32,7 @@ def test_packaged_model_cache_is_faithful_and_faster(name, family, scaled, tied,
     t0 = time.perf_counter()
     direct, tok = load_gguf_direct(cfg)
     gguf_s = time.perf_counter() - t0
-    lm = load_model(cfg, cache_root=cache_dir)  # builds the cache if absent
+    load_model(cfg, cache_root=cache_dir)  # builds the cache if absent
     lm2 = load_model(cfg, cache_root=cache_dir)
     assert lm2.facts.from_cache
     assert lm2.facts.load_seconds * 2 < gguf_s, (lm2.facts.load_seconds, gguf_s)
