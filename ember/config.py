@@ -120,7 +120,7 @@ class EvalConfig:
     prompt_template: str = "Question: {q}\nAnswer:"
     batch_size: int = 16
     max_questions: int | None = None  # per split; null = all
-    open_qa: bool = True
+    open_qa: bool = False
     open_judge: str = "local"  # local | llm
     open_max_new_tokens: int = 24
     f1_threshold: float = 0.5
