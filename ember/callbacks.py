@@ -1,9 +1,19 @@
-"""Hydra callbacks: a summary of finished and failed jobs at the end of a sweep."""
+"""Hydra callbacks: a summary of finished and failed jobs at the end of a sweep.
+
+``sweep_status.json`` in the sweep directory lists every job as ok, failed (with the reason) or
+incomplete, plus the stages that ended ``failed`` inside otherwise finished jobs (a diverged method
+or relearning run). It is refreshed after *every* job (``on_job_end``, under a file lock, so parallel
+launchers do not race) and again at the end of the sweep. Refreshing per job matters: Hydra's
+basic sweeper re-raises the first failed job's exception once the batch has run, and then never
+calls ``on_multirun_end``, so a summary written only there would be missing exactly when a job
+failed.
+"""
 
 from __future__ import annotations
 
 import json
 import logging
+import time
 from pathlib import Path
 from typing import Any
 
@@ -12,36 +22,99 @@ from omegaconf import DictConfig
 
 log = logging.getLogger("ember")
 
+JOB_STATUS = "job_status.json"  # written into each job directory by ``on_job_end``
+
+
+def _read_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def job_dirs(sweep_dir: Path) -> list[Path]:
+    """Every job directory below ``sweep_dir``.
+
+    A job directory is one Hydra wrote ``.hydra/`` into (even a job that failed before ember wrote
+    anything) or one ember wrote ``meta.json`` into. ``.hydra/config.yaml`` itself is not a job, nor
+    is a W&B run's ``files/config.yaml``.
+    """
+    jobs = {p.parent for p in sweep_dir.rglob(".hydra") if p.is_dir()}
+    jobs |= {p.parent for p in sweep_dir.rglob("meta.json")}
+    return sorted(j for j in jobs if "wandb" not in j.relative_to(sweep_dir).parts)
+
+
+def failed_stages(job: Path) -> list[str]:
+    """``<concept>/<stage>: <reason>`` for each stage result whose status is ``failed``."""
+    out = []
+    for p in sorted(job.glob("*/*.json")):
+        rec = _read_json(p)
+        if isinstance(rec, dict) and rec.get("status") == "failed":
+            out.append(f"{p.parent.name}/{p.stem}: {rec.get('reason') or 'no reason recorded'}")
+    return out
+
 
 def sweep_status(sweep_dir: Path) -> dict[str, list[str]]:
-    """Jobs of a sweep directory by status: ok, failed (with reason), incomplete."""
-    status: dict[str, list[str]] = {"ok": [], "failed": [], "incomplete": []}
-    for cfg in sorted(sweep_dir.rglob("config.yaml")):
-        job = cfg.parent
+    """Jobs of a sweep directory by status: ok, failed (with reason), incomplete; plus failed stages."""
+    status: dict[str, list[str]] = {"ok": [], "failed": [], "incomplete": [], "failed_stages": []}
+    for job in job_dirs(Path(sweep_dir)):
         rel = str(job.relative_to(sweep_dir))
-        res = job / "results.json"
-        if not res.exists():
+        res_p, st_p = job / "results.json", job / JOB_STATUS
+        data, st = _read_json(res_p), _read_json(st_p)
+        # a failure recorded by on_job_end wins unless a later run of the job wrote newer results
+        if isinstance(st, dict) and st.get("status") == "failed" and (
+                data is None or res_p.stat().st_mtime <= st_p.stat().st_mtime):
+            status["failed"].append(f"{rel}: {st.get('error')}")
+        elif not isinstance(data, dict):
             status["incomplete"].append(rel)
-            continue
-        try:
-            data = json.loads(res.read_text())
-        except json.JSONDecodeError:
-            status["incomplete"].append(rel)
-            continue
-        if data.get("failures"):
+        elif data.get("failures"):
             status["failed"].append(f"{rel}: {data['failures']}")
         else:
             status["ok"].append(rel)
+        status["failed_stages"] += [f"{rel}: {s}" for s in failed_stages(job)]
     return status
 
 
+def format_status(sweep_dir: Path, st: dict[str, list[str]]) -> str:
+    lines = [f"sweep {sweep_dir}: {len(st['ok'])} ok, {len(st['failed'])} failed, {len(st['incomplete'])} incomplete"
+             + (f", {len(st['failed_stages'])} failed stage(s)" if st.get("failed_stages") else "")]
+    lines += [f"  FAILED  {x}" for x in st["failed"]] + [f"  INCOMPLETE  {x}" for x in st["incomplete"]]
+    lines += [f"  STAGE FAILED  {x}" for x in st.get("failed_stages", [])]
+    return "\n".join(lines)
+
+
+def write_sweep_status(sweep_dir: Path) -> dict[str, list[str]]:
+    from ember.locking import atomic_write_json, cache_lock
+
+    sweep_dir = Path(sweep_dir)
+    with cache_lock(sweep_dir / "sweep_status.json", timeout=120):
+        st = sweep_status(sweep_dir)
+        atomic_write_json(sweep_dir / "sweep_status.json", st)
+    return st
+
+
 class SweepSummary(Callback):
+    def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
+        """Record this job's outcome in its directory and refresh the sweep's summary."""
+        from hydra.core.utils import JobStatus
+        from hydra.types import RunMode
+
+        try:
+            from ember.locking import atomic_write_json
+
+            job = Path(config.hydra.runtime.output_dir)
+            failed = job_return.status == JobStatus.FAILED
+            exc = getattr(job_return, "_return_value", None) if failed else None
+            atomic_write_json(job / JOB_STATUS, {
+                "status": "failed" if failed else "complete", "time": time.time(),
+                "error": f"{type(exc).__name__}: {exc}" if exc is not None else None,
+                "overrides": list(job_return.overrides or [])})
+            if config.hydra.mode == RunMode.MULTIRUN:
+                write_sweep_status(Path(config.hydra.sweep.dir))
+        except Exception as exc:  # the summary must never take a job down with it
+            log.warning("could not record the job status: %s", exc)
+
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         sweep_dir = Path(config.hydra.sweep.dir)
-        st = sweep_status(sweep_dir)
-        lines = [f"sweep {sweep_dir}: {len(st['ok'])} ok, {len(st['failed'])} failed, {len(st['incomplete'])} incomplete"]
-        lines += [f"  FAILED  {x}" for x in st["failed"]] + [f"  INCOMPLETE  {x}" for x in st["incomplete"]]
-        msg = "\n".join(lines)
-        (sweep_dir / "sweep_status.json").write_text(json.dumps(st, indent=2))
-        log.info(msg)
-        print(msg)
+        st = write_sweep_status(sweep_dir)
+        print(format_status(sweep_dir, st))  # stdout only (logging here would print it twice)

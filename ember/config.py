@@ -63,12 +63,14 @@ class DataConfig:
 
 @dataclass
 class SelectorConfig:
-    name: str = "ratio"  # ratio | purity | semantic | llm | exclusivity | combined
+    name: str = "ratio"  # ratio | purity | semantic | llm | exclusivity | anchor; combine with "+"
     ratio_thresh: float = 2.0
     purity_thresh: float = 0.5
     semantic_thresh: float = 0.35
     semantic_top_tokens: int = 20
     exclusivity_thresh: float = 0.5
+    anchor_thresh: float = 0.2  # anchor: share of a feature's concept-only |G| mass on key-term tokens
+    anchor_min_tokens: int = 1  # anchor: key-term tokens a feature must hold
     llm_endpoint: str | None = None
     llm_model: str = "gpt-4o-mini"
     llm_confidence: float = 0.85

@@ -218,6 +218,54 @@ def _select_semantic(stats: pd.DataFrame, feats: EmbeddingFeatures, scfg: Any, c
     return stats["semantic"] >= scfg.semantic_thresh
 
 
+#: words left out of key-term anchors (they are pieces of names such as "Valley of the Kings")
+KEY_TERM_STOPWORDS = frozenset({"of", "the", "a", "an", "and", "in", "on", "to", "ii", "s"})
+
+
+def key_term_token_ids(tokenizer: Any, terms: Sequence[str]) -> list[int]:
+    """Token ids that stand for the concept's key terms (its name and main entities).
+
+    Each term is split into words; each word is tokenized with a leading space (and the term's first
+    word also without one, as at the start of a text). A word's *first* token is kept when it has at
+    least 3 letters or digits and is no stopword; continuation pieces ('ore', 'us', 'in') and 1-2
+    letter pieces ('H', ' D') are left out because they are shared by many unrelated words."""
+    special = set(getattr(tokenizer, "all_special_ids", []) or [])
+    ids: set[int] = set()
+    for term in terms:
+        for i, word in enumerate(term.split()):
+            for variant in ((" " + word, word) if i == 0 else (" " + word,)):
+                toks = tokenizer(variant, add_special_tokens=False)["input_ids"]
+                if not toks or toks[0] in special:
+                    continue
+                text = tokenizer.decode([toks[0]]).strip()
+                if text.lower() in KEY_TERM_STOPWORDS or sum(ch.isalnum() for ch in text) < 3:
+                    continue
+                ids.add(int(toks[0]))
+    return sorted(ids)
+
+
+@register_selector("anchor")
+def _select_anchor(stats: pd.DataFrame, feats: EmbeddingFeatures, scfg: Any, ctx: Any) -> pd.Series:
+    """Key-term anchored features: the concept's own tokens carry the feature.
+
+    ``anchor`` = the share of a feature's |G| mass over concept-only tokens that lies on key-term
+    tokens (:func:`key_term_token_ids` of ``ctx.concept_terms``); selected when it reaches
+    ``anchor_thresh``. Generic clusters ({show, display}, {go, goes}) hold no key-term token and
+    score 0, whatever their ratio. Features with fewer than ``anchor_min_tokens`` key-term tokens
+    are not selected."""
+    anchors = key_term_token_ids(ctx.tokenizer, ctx.concept_terms)
+    is_anchor = torch.isin(feats.vprime, torch.tensor(anchors, dtype=feats.vprime.dtype))
+    conly = feats.labels == CONCEPT_ONLY
+    g = feats.G.abs().double()
+    share = g[is_anchor & conly].sum(0) / g[conly].sum(0).clamp_min(1e-12)
+    n_anchor = ((feats.G[is_anchor & conly] != 0).sum(0)).numpy()
+    stats["anchor"] = share.numpy()
+    stats["n_anchor"] = n_anchor
+    thresh = float(getattr(scfg, "anchor_thresh", 0.2))
+    min_tokens = int(getattr(scfg, "anchor_min_tokens", 1))
+    return (stats["anchor"] >= thresh) & (stats["n_anchor"] >= min_tokens)
+
+
 @register_selector("llm")
 def _select_llm(stats: pd.DataFrame, feats: EmbeddingFeatures, scfg: Any, ctx: Any) -> pd.Series:
     from ember.llm_selector import judge_features

@@ -310,6 +310,8 @@ class ConceptRun:
                              "n_edited_tokens": edit.get("n_tokens", 0) if edit.get("delta", 0.0) > 0 else 0,
                              "method_steps": mrep.steps}
         status = "complete" if mrep.status == "ok" else "failed"
+        if status == "failed":  # top-level reason, as every failed stage has (read by the sweep summary)
+            result["reason"] = f"method {mrep.name} {mrep.status}: {mrep.reason}"
         if done:
             return self.files.read_stage(self.slug, "erase")
         return self._finish("erase", result, t0, status)
@@ -343,12 +345,16 @@ class ConceptRun:
         out, rows, metrics = {}, [], {}
         for name in enabled:
             settings = OmegaConf.to_container(spec.get(name, {}) or {}, resolve=True)
+            # max_questions: attacks score the same (capped) QA_test questions as baseline/evaluate, so the
+            # recovered fraction compares like with like (without it they scored every question)
             ctx = AttackContext(edited_token_ids=self.edited_ids, seed=self.cfg.seed, progress=self._progress(),
-                                template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size)
+                                template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
+                                max_questions=self.cfg.eval.max_questions)
             seed_everything(self.cfg.seed)
             attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
             key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
-                   "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed}
+                   "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
+                   "max_questions": self.cfg.eval.max_questions}
 
             def control(name: str = name, settings: dict = settings, ctx: Any = ctx) -> Any:
                 seed_everything(self.cfg.seed)
@@ -369,13 +375,15 @@ class ConceptRun:
         return self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
 
     def relearn(self) -> dict[str, Any]:
+        from ember.attacks import AttackContext
         from ember.attacks.relearn import run_relearn
 
         t0 = time.perf_counter()
         seed_everything(self.cfg.seed)
-        res = run_relearn(self.work, self.lm.tokenizer, self.concept, self.cfg.relearn, seed=self.cfg.seed,
-                          template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
-                          progress=self._progress())
+        ctx = AttackContext(seed=self.cfg.seed, template=self.cfg.eval.prompt_template,
+                            batch_size=self.cfg.eval.batch_size, progress=self._progress(),
+                            max_questions=self.cfg.eval.max_questions)  # the same capped questions as evaluate
+        res = run_relearn(self.work, self.lm.tokenizer, self.concept, self.cfg.relearn, ctx)
         res = res if isinstance(res, dict) else res.to_dict()
         curve = res.get("curve", [])
         self.files.write_table(self.slug, "relearn_curve", curve)
@@ -393,6 +401,18 @@ class ConceptRun:
         later = [s for s in ("evaluate", "attacks", "relearn") if self._want(s) and not self._done(s)]
         if self._want("erase") or later:
             self.erase(need_model=bool(later))
+            erased = self.files.read_stage(self.slug, "erase") or {}  # as written, with its status
+            if erased.get("status") == "failed" and later:
+                # A diverged method leaves NaN/exploded weights: evaluating, attacking or relearning that
+                # model would record garbage as "complete". Record the later stages as skipped, with why.
+                self.work = None
+                for s in later:
+                    if (s == "attacks" and not (c.attacks or {}).get("enabled")) or (
+                            s == "relearn" and c.relearn.name == "none"):
+                        continue
+                    self._finish(s, {"reason": f"erase failed: {erased.get('reason', '')}", "metrics": {}},
+                                 time.perf_counter(), "skipped")
+                later = []
         if "evaluate" in later:
             self.evaluate()
         if "attacks" in later and (c.attacks or {}).get("enabled"):
@@ -419,7 +439,7 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
     keys = [("evaluate/efficacy", "efficacy"), ("evaluate/specificity", "specificity"),
             ("evaluate/coherence", "coherence"), ("evaluate/harmonic", "harmonic"),
             ("erase/delta", "delta"), ("erase/n_edited_tokens", "edited"),
-            ("relearn/final_qa_acc", "relearn acc"), ("relearn/regained", "regained")]
+            ("relearn/relearn_acc", "relearn acc"), ("relearn/relearn_retain_acc", "relearn retain")]
     import pandas as pd
 
     rows = []

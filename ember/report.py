@@ -24,8 +24,10 @@ COLUMNS = [  # (column, source key, higher is better)
     ("coherence", "evaluate/coherence", True),
     ("harmonic", "evaluate/harmonic", True),
     ("qa_acc", "evaluate/qa_acc", False),
-    ("relearn_acc", "relearn/final_qa_acc", False),
-    ("regained", "relearn/regained", False),
+    # the relearning stage's metric keys (ember/attacks/relearn.py RelearnResult.metrics); the table read
+    # "relearn/final_qa_acc" and "relearn/regained", which no stage writes, so these columns never showed
+    ("relearn_acc", "relearn/relearn_acc", False),
+    ("relearn_retain", "relearn/relearn_retain_acc", True),
 ]
 
 
@@ -41,7 +43,9 @@ def collect(root: Path) -> pd.DataFrame:
     rows = []
     for cfg_path in sorted(Path(root).rglob("config.yaml")):
         job = cfg_path.parent
-        if job.name == ".hydra":
+        # only ember job directories (config.yaml beside meta.json): not .hydra/config.yaml, nor the
+        # files/config.yaml of an online W&B run, which would fail on cfg.model below
+        if job.name == ".hydra" or not (job / "meta.json").exists():
             continue
         cfg = OmegaConf.load(cfg_path)
         factors = {"job": str(job.relative_to(root)), "model": cfg.model.name, "method": cfg.method.name,

@@ -77,7 +77,13 @@ class JobFiles:
             return None
 
     def write_stage(self, concept_slug: str, stage: str, result: dict[str, Any], status: str = "complete") -> None:
-        atomic_write_json(self.stage_path(concept_slug, stage), {"status": status, "stage": stage, **result})
+        # The stage status is the pipeline's. A result's own "status" (the relearning result carries
+        # "ok"/"diverged") must not replace it: it did, so relearn.json never read as finished and
+        # every rerun redid the relearning. It is kept as "result_status".
+        rec = {"status": status, "stage": stage, **{k: v for k, v in result.items() if k != "status"}}
+        if "status" in result:
+            rec["result_status"] = result["status"]
+        atomic_write_json(self.stage_path(concept_slug, stage), rec)
 
     def write_table(self, concept_slug: str, name: str, rows: list[dict[str, Any]]) -> Path:
         p = self.concept_dir(concept_slug) / f"{name}.csv"

