@@ -7,10 +7,13 @@ repeated runs. Run a subset with ``--only factorization,mc``; ``--quick`` uses f
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import os
 import platform
+import resource
 import statistics
+import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -27,6 +30,7 @@ from ember.config import model_preset  # noqa: E402
 from ember.data import ConceptStore  # noqa: E402
 from ember.features import count_tokens, effective_embeddings, label_tokens  # noqa: E402
 from ember.models import load_model  # noqa: E402
+from ember.paths import STARTER_DIR  # noqa: E402
 
 RELEASE = ROOT.parent / "shared" / "ember-release"
 
@@ -104,7 +108,200 @@ def bench_factorization(repeats: int) -> list[Row]:
     return rows
 
 
-BENCHES: dict[str, Callable[[int], list[Row]]] = {"factorization": bench_factorization}
+def bench_mc(repeats: int) -> list[Row]:
+    from ember.evals.mc import score_letter, score_loglik
+
+    lm = smollm2()
+    qs = ConceptStore(RELEASE).concept("Harry Potter").mc["QA_test"]
+    t_letter, r_letter = median_time(lambda: score_letter(lm.model, lm.tokenizer, qs, use_chat=True, batch_size=1), 1)
+    t_plain, r_plain = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs, share_prefix=False), repeats)
+    t_fast, r_fast = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), repeats)
+    n = len(qs)
+    return [
+        Row("multiple choice (SmolLM2, 50 release Harry Potter questions)", "letter generation, one at a time (the reference's way)",
+            n / t_letter, "q/s", note=f"acc {r_letter.acc:.2f}, invalid {r_letter.invalid:.2f}; {t_letter:.1f} s"),
+        Row("multiple choice (SmolLM2, 50 release Harry Potter questions)", "log-likelihood, one sequence per option",
+            n / t_plain, "q/s", baseline=n / t_letter, note=f"acc {r_plain.acc:.2f}; {t_plain:.1f} s"),
+        Row("multiple choice (SmolLM2, 50 release Harry Potter questions)", "log-likelihood, shared prompt (default)",
+            n / t_fast, "q/s", baseline=n / t_letter, note=f"acc {r_fast.acc:.2f}; {t_fast:.1f} s (goal: 10x)"),
+    ]
+
+
+def bench_delta(repeats: int) -> list[Row]:
+    """One EMBER delta-grid cell (restore + edit + evaluate on the train split) and a full grid."""
+    from types import SimpleNamespace
+
+    from ember.cache import ArtifactCache
+    from ember.edit import EditPlan, EmbeddingEditor
+    from ember.evals.suite import evaluate, relative
+    from ember.features import SelectionContext, compute_embedding_features, select_features
+    from tests.conftest import compose
+
+    cfg = compose([])
+    lm = smollm2()
+    store = ConceptStore(STARTER_DIR)
+    hp = store.concept("Harry Potter")
+    import tempfile
+
+    feats = compute_embedding_features(lm.model, lm.tokenizer, lm.facts, hp.name, hp.sentences, store.neutral,
+                                       cfg.ember.factorization, ArtifactCache(tempfile.mkdtemp()))
+    rep = select_features(feats, cfg.ember.selector, SelectionContext(lm.tokenizer, hp.name, hp.key_terms))
+    plan = EditPlan.from_features(feats, [int(k) for k in rep.loc[rep["selected"], "feature"]])
+    model = copy.deepcopy(lm.model)
+    ed = EmbeddingEditor(model, lm.facts.embed_scale)
+    base = evaluate(lm.model, lm.tokenizer, hp, store, cfg.eval, "train")
+    parts_all = ["qa", "simdom", "control", "ppl", "coherence"]
+
+    def cell(delta: float, parts: list[str]) -> dict:
+        ed.restore()
+        ed.apply(plan, delta)
+        s = evaluate(model, lm.tokenizer, hp, store, cfg.eval, "train", judge_model=lm.model, parts=parts)
+        return relative(s, base)
+
+    t_cell, _ = median_time(lambda: cell(5.0, parts_all), repeats)
+    t_cheap, _ = median_time(lambda: cell(5.0, ["qa", "simdom", "control", "ppl"]), repeats)
+    t_edit, _ = median_time(lambda: (ed.restore(), ed.apply(plan, 5.0)), max(repeats, 5))
+    grid = list(cfg.ember.delta_grid)
+    t0 = time.perf_counter()
+    for d in grid:
+        cell(d, parts_all)
+    t_naive = time.perf_counter() - t0
+    _ = SimpleNamespace
+    sec = "EMBER delta grid (SmolLM2, starter Harry Potter, train split)"
+    return [
+        Row(sec, "restore + edit only", t_edit * 1000, "ms", note=f"{len(plan)} tokens, {len(plan.features)} features"),
+        Row(sec, "one cell with coherence (restore + edit + evaluate)", t_cell, "s"),
+        Row(sec, "one cell without coherence (the gate check first)", t_cheap, "s", baseline=t_cell),
+        Row(sec, f"full grid of {len(grid)} deltas, every part every cell", t_naive, "s",
+            note="the pipeline evaluates coherence only for deltas that pass the retention gate, and caches the choice"),
+    ]
+
+
+def bench_training(repeats: int) -> list[Row]:
+    from ember.attacks.relearn import run_relearn
+    from ember.methods import MethodContext, get_method
+
+    lm = smollm2()
+    store = ConceptStore(STARTER_DIR)
+    hp = store.concept("Harry Potter")
+    rows = []
+    for name, params in (("ga", {"steps": 3}), ("rmu", {"steps": 3})):
+        model = copy.deepcopy(lm.model)
+        ctx = MethodContext(model=model, tokenizer=lm.tokenizer, facts=lm.facts, forget_texts=hp.sentences,
+                            retain_texts=store.neutral, concept=hp.name)
+        t0 = time.perf_counter()
+        rep = get_method(name, params).apply(ctx)
+        t = (time.perf_counter() - t0) / max(1, rep.steps)
+        rows.append(Row("training (SmolLM2)", f"{name}: one optimizer step (mean of {rep.steps}, incl. set-up)", t, "s",
+                        note=f"method defaults (conf/method/{name}.yaml) with steps={params['steps']}"))
+        del model
+    from tests.conftest import compose
+
+    rcfg = compose(["relearn=full", "relearn.epochs=1", "relearn.max_paragraphs=10"]).relearn
+    t0 = time.perf_counter()
+    run_relearn(lm.model, lm.tokenizer, hp, rcfg, seed=42, template="Question: {q}\nAnswer:", batch_size=16)
+    rows.append(Row("training (SmolLM2)", "relearning: one epoch on 10 paragraphs + evaluations before and after",
+                    time.perf_counter() - t0, "s", note="full fine-tuning, batch 1, max length 256"))
+    return rows
+
+
+def _peak_rss_mib() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_gemma_memory(repeats: int) -> list[Row]:
+    """Peak memory of Gemma-3-270M MC evaluation on 50 questions, in a fresh process per path."""
+    code = """
+import resource, sys, torch
+from ember.config import model_preset
+from ember.models import load_model
+from ember.data import ConceptStore
+from ember.evals.mc import score_loglik
+lm = load_model(model_preset('gemma3_270m'))
+qs = ConceptStore('{release}').concept('Harry Potter').mc['QA_test']
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+if '{mode}' == 'full':
+    with torch.no_grad():
+        for q in qs:
+            for o in q.options:
+                ids = lm.tokenizer('Question: ' + q.q + '\\nAnswer: ' + o, return_tensors='pt')['input_ids']
+                lm.model(ids).logits
+elif '{mode}' == 'plain':
+    score_loglik(lm.model, lm.tokenizer, qs, share_prefix=False)
+else:
+    score_loglik(lm.model, lm.tokenizer, qs)
+after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+print(before, after)
+"""
+    rows = []
+    res = {}
+    for mode in ("batched_full_logits", "plain", "shared"):
+        src = code.replace("{release}", str(RELEASE)).replace("{mode}", mode)
+        if mode == "batched_full_logits":
+            src = src.replace("'batched_full_logits' == 'full'", "True")
+            src = src.replace("""    with torch.no_grad():
+        for q in qs:
+            for o in q.options:
+                ids = lm.tokenizer('Question: ' + q.q + '\\nAnswer: ' + o, return_tensors='pt')['input_ids']
+                lm.model(ids).logits""", """    lm.tokenizer.padding_side = 'right'
+    texts = ['Question: ' + q.q + '\\nAnswer: ' + o for q in qs for o in q.options][:64]
+    with torch.no_grad():
+        enc = lm.tokenizer(texts, return_tensors='pt', padding=True)
+        lm.model(**enc).logits""")
+        out = subprocess.run([sys.executable, "-c", src], capture_output=True, text=True, cwd=ROOT,
+                             env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-2000:])
+        before, after = map(float, out.stdout.split()[-2:])
+        res[mode] = (before, after)
+    full = res["batched_full_logits"][1] - res["batched_full_logits"][0]
+    rows.append(Row("Gemma-3-270M evaluation memory (50 questions)", "full-vocabulary logits, one batch of 64 options",
+                    full, "MiB", note=f"peak RSS growth over the loaded model ({res['batched_full_logits'][0]:.0f} MiB)"))
+    for mode, label in (("plain", "log-likelihood, one sequence per option"), ("shared", "log-likelihood, shared prompt (default)")):
+        rows.append(Row("Gemma-3-270M evaluation memory (50 questions)", label, res[mode][1] - res[mode][0], "MiB",
+                        baseline=full, note=f"peak RSS growth over the loaded model ({res[mode][0]:.0f} MiB)"))
+    return rows
+
+
+def bench_main_job(repeats: int) -> list[Row]:
+    """`make run` end to end: cold (empty caches except the converted model) and warm (everything cached)."""
+    import shutil
+    import tempfile
+
+    tmp = Path(tempfile.mkdtemp())
+    cache = tmp / "cache"
+    cache.mkdir()
+    real_models = Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember")) / "models"
+    if real_models.exists():
+        (cache / "models").symlink_to(real_models)
+    env = {**os.environ, "EMBER_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "WANDB_MODE": "offline"}
+    rows = []
+    times = {}
+    for label, extra in (("cold", []), ("warm, same job (every stage complete)", []),
+                         ("warm caches, new job dir (overwrite=true)", ["overwrite=true"])):
+        cmd = [sys.executable, "-m", "ember", f"hydra.run.dir={tmp}/job", *extra]
+        t0 = time.perf_counter()
+        timer = ["/usr/bin/time", "-v"] if Path("/usr/bin/time").exists() else []
+        out = subprocess.run([*timer, *cmd], capture_output=True, text=True, cwd=ROOT, env=env)
+        t = time.perf_counter() - t0
+        if out.returncode != 0:
+            raise RuntimeError(out.stderr[-3000:])
+        rss = next((int(line.split()[-1]) / 1024 for line in out.stderr.splitlines() if "Maximum resident" in line), 0.0)
+        times[label] = t
+        rows.append(Row("main job (`make run`)", label, t, "s", baseline=times.get("cold") if label != "cold" else None,
+                        note=f"peak RSS {rss:.0f} MiB"))
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+BENCHES: dict[str, Callable[[int], list[Row]]] = {
+    "factorization": bench_factorization,
+    "mc": bench_mc,
+    "delta": bench_delta,
+    "training": bench_training,
+    "gemma_memory": bench_gemma_memory,
+    "main_job": bench_main_job,
+}
 
 
 # --------------------------------------------------------------------------------------------------

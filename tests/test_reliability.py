@@ -348,12 +348,12 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     """Same config and seed twice (separate caches and processes) -> the same metrics within 1e-6;
     another seed changes GA's batches (losses) and RMU's control vector; the seed is in the job
     directory name and in the W&B config."""
-    two = ["method=ga_fast,rmu", "method.params.steps=2", "stages=[baseline,features,erase,evaluate]"]
+    two = ["method=ga_fast,rmu_fast", "stages=[baseline,features,erase,evaluate]"]
     sweep = tmp_path / "sweep"
     jobs.run_ember([*two, "seed=42,7", f"hydra.sweep.dir={sweep}"], jobs.make_cache(tmp_path / "cache_a"),
                    multirun=True, timeout=400)
     found = sorted(str(p.parent.relative_to(sweep)) for p in sweep.rglob("results.json"))
-    assert found == [f"method.params.steps=2,method={m}/seed={s}" for m in ("ga_fast", "rmu") for s in (42, 7)]
+    assert found == [f"method={m}/seed={s}" for m in ("ga_fast", "rmu_fast") for s in (42, 7)]
 
     # the same two seed-42 jobs again, elsewhere, with W&B on (logger is not part of the directory name)
     other = tmp_path / "other"
@@ -361,8 +361,8 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
     jobs.run_ember([*two, "logger=wandb"], jobs.make_cache(tmp_path / "cache_b"), multirun=True, cwd=other,
                    timeout=400)
     worst = 0.0
-    for m in ("ga_fast", "rmu"):
-        tag = f"method.params.steps=2,method={m}"
+    for m in ("ga_fast", "rmu_fast"):
+        tag = f"method={m}"
         again = other / "outputs" / "test" / tag / "seed=42"  # the default sweep layout, seed in the name
         diffs, gap = jobs.compare_jobs(sweep / tag / "seed=42", again, TOL)
         assert diffs == [], (m, diffs[:10])
@@ -374,7 +374,7 @@ def test_same_seed_same_metrics_other_seed_differs(tmp_path):
         e7 = jobs.read_json(sweep / tag / "seed=7" / "Harry_Potter" / "erase.json")["method"]
         assert e42["status"] == e7["status"] == "ok"
         assert e42["losses"] != e7["losses"], f"{m}: the seed changed nothing"
-        if m == "rmu":
+        if m == "rmu_fast":
             assert e42["extra"]["control_seed"] == 42 and e7["extra"]["control_seed"] == 7
     from ember.methods.rmu import control_vector
 
