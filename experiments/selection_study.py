@@ -102,7 +102,7 @@ CONCEPTS = {
     "smollm2_135m": [("starter", "Harry Potter"), ("starter", "Star Wars"), ("starter", "Ancient Egypt"),
                      ("release", "Harry Potter"), ("release", "World War II"), ("release", "Baseball"),
                      ("release", "Artificial intelligence")],
-    "gemma3_270m": [("starter", "Harry Potter"), ("release", "World War II"), ("release", "Artificial intelligence")],
+    "gemma3_270m": [("starter", "Harry Potter"), ("release", "World War II")],
 }
 
 BASE = {"rank": 100, "sparsity": 0.01, "background": "neutral", "selector": "ratio"}
@@ -140,45 +140,73 @@ class Setting:
         return SimpleNamespace(**{k: getattr(base, k) for k in base.__dataclass_fields__})
 
 
-def settings_for(model: str, quick: bool, source: str = "starter") -> list[Setting]:
-    """One factor at a time around the paper's base, then the new selector and combinations.
+def tier_of(model: str, ref_label: str, quick: bool) -> str:
+    """How much of the study a (model, concept) gets (compute budget ~35-45 min on 2 shared cores).
 
-    Full set: SmolLM2 on the starter concepts. Reduced set (for cost): SmolLM2 on release concepts
-    and Gemma-3 (no K=200, no sparsity levels, no purity/semantic alone, one anchor threshold; the
-    K=400 factorization with the large background only where |V'| is small, i.e. starter concepts)."""
-    full = model == "smollm2_135m" and source == "starter" and not quick
-    big_bg = "neutral+other+general"
+    full: SmolLM2 / starter Harry Potter (every factor level); starter: SmolLM2 / the other starter
+    concepts; release: SmolLM2 / release concepts (paper base, the combined recommendation, naive
+    baselines); reduced: Gemma-3 (the same plus K=400)."""
+    if quick:
+        return "quick"
+    if model == "smollm2_135m" and ref_label == "starter:Harry Potter":
+        return "full"
+    if model == "smollm2_135m" and ref_label.startswith("starter:"):
+        return "starter"
+    if model == "smollm2_135m":
+        return "release"
+    return "reduced"
+
+
+BIG_BG = "neutral+other+general"
+
+
+def settings_for(model: str, tier: str) -> list[Setting]:
+    """One factor at a time around the paper's base, then the anchor selector and the combination."""
+    def combined(k: int, th: float) -> Setting:
+        return Setting("combined", f"anchor>={th:g}, K={k}, bg={BIG_BG}", rank=k, background=BIG_BG,
+                       selector="anchor", thresholds=(("anchor_thresh", th),))
+
     out = [Setting("base", "paper base")]
-    if full:
-        out += [Setting("rank", "K=200", rank=200), Setting("rank", "K=400", rank=400)]
-        out += [Setting("sparsity", "0.5%", sparsity=0.005), Setting("sparsity", "2%", sparsity=0.02)]
+    if tier != "release":
+        out.append(Setting("rank", "K=400", rank=400))
+    if tier == "full":
+        out.insert(1, Setting("rank", "K=200", rank=200))
+        out += [Setting("sparsity", "0.5%", sparsity=0.005)]
+    if tier in ("full", "starter"):
+        out += [Setting("sparsity", "2%", sparsity=0.02)]
+        if tier == "full":
+            out += [Setting("background", "neutral+other", background="neutral+other")]
+        out += [Setting("background", BIG_BG, background=BIG_BG)]
+        sels = [("purity", (("purity_thresh", 0.5),)),
+                ("exclusivity", (("exclusivity_thresh", 0.7),)),
+                ("semantic", (("semantic_thresh", 0.35),)),
+                ("semantic+exclusivity", (("semantic_thresh", 0.3), ("exclusivity_thresh", 0.6)))]
+        if tier == "starter":
+            sels = sels[3:]
+        out += [Setting("selector", name, selector=name, thresholds=th) for name, th in sels]
+        if tier == "full":  # the anchor selector alone on the paper's factorization (K=100, neutral)
+            out += [Setting("selector", f"anchor>={th:g}", selector="anchor", thresholds=(("anchor_thresh", th),))
+                    for th in (0.1, 0.3)]
+    # the combination: anchor selector + K=400 + the large background; its threshold is chosen on
+    # QA_train on starter Harry Potter (full tier: 0.05 wins) and used elsewhere
+    if tier == "full":
+        out += [combined(100, 0.1)] + [combined(400, th) for th in (0.05, 0.1, 0.2, 0.3)]
     else:
-        out += [Setting("rank", "K=400", rank=400)]
-    out += [Setting("background", "neutral+other", background="neutral+other"),
-            Setting("background", big_bg, background=big_bg)]
-    sels = [("purity", (("purity_thresh", 0.5),)),
-            ("exclusivity", (("exclusivity_thresh", 0.7),)),
-            ("semantic", (("semantic_thresh", 0.35),)),
-            ("semantic+exclusivity", (("semantic_thresh", 0.3), ("exclusivity_thresh", 0.6)))]
-    if not full:
-        sels = [sels[1], sels[3]]
-    out += [Setting("selector", name, selector=name, thresholds=th) for name, th in sels]
-    # the key-term anchored selector (this study's proposal); its threshold is chosen on QA_train
-    for th in ((0.1, 0.3) if full else (0.1,)):
-        out.append(Setting("selector", f"anchor>={th:g}", selector="anchor", thresholds=(("anchor_thresh", th),)))
-    for k in ((100, 400) if source == "starter" else (100,)):
-        out.append(Setting("combined", f"anchor>=0.1, K={k}, bg={big_bg}", rank=k, background=big_bg,
-                           selector="anchor", thresholds=(("anchor_thresh", 0.1),)))
+        out += [combined(400, 0.05)]  # threshold chosen on QA_train (starter HP, full tier)
     return out
 
 
-def deltas_for(setting: Setting, quick: bool, source: str = "starter") -> list[float]:
-    """Ascending; the paper grid {0.5, ..., 200} is subsampled for cost, its range kept on the base."""
-    if quick:
+def deltas_for(setting: Setting, tier: str) -> list[float]:
+    """Ascending; the paper grid {0.5, ..., 200} is subsampled for cost, its range kept on starter HP."""
+    if tier == "quick":
         return [10.0, 50.0]
-    if setting.factor == "base":
-        return [0.5, 2.0, 10.0, 50.0, 200.0] if source == "starter" else [2.0, 10.0, 50.0, 200.0]
-    return [2.0, 10.0, 50.0]
+    if tier == "full":
+        return [0.5, 2.0, 10.0, 50.0, 200.0] if setting.factor in ("base", "combined") else [2.0, 10.0, 50.0]
+    if setting.factor == "combined":
+        return [10.0, 50.0] if tier == "release" else [2.0, 10.0, 50.0]
+    if tier == "starter" and setting.factor == "base":
+        return [2.0, 10.0, 50.0]
+    return [10.0]
 
 
 #: a delta whose edit keeps less specificity than this ends the setting's delta sweep (larger deltas
@@ -498,8 +526,9 @@ def run_model(model_name: str, concepts: list[tuple[str, str]], quick: bool, poi
                                  "tokens": [tok.decode([i]) for i in kids]})
             done_plans.add(pkey)
 
-        for st in settings_for(model_name, quick, source):
-            todo = [d for d in deltas_for(st, quick, source) if f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}" not in points.keys]
+        tier = tier_of(model_name, ref.label, quick)
+        for st in settings_for(model_name, tier):
+            todo = [d for d in deltas_for(st, tier) if f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}" not in points.keys]
             pkey = f"{model_name}|{ref.label}|{st.sid}"
             if not todo and pkey in done_plans:
                 continue
@@ -509,7 +538,7 @@ def run_model(model_name: str, concepts: list[tuple[str, str]], quick: bool, poi
                                      "factor": st.factor, "level": st.level, **info})
                 done_plans.add(pkey)
             stopped = False
-            for d in deltas_for(st, quick, source):
+            for d in deltas_for(st, tier):
                 key = f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}"
                 meta = {"method": "ember", "factor": st.factor, "level": st.level, "setting": st.sid}
                 if stopped:
@@ -600,7 +629,12 @@ def curves(rows: list[dict[str, Any]], model: str) -> dict[str, dict[float, dict
             m["n_concepts"] = n_conc
             per[float(d)] = m
         out[f"{factor}|{level}"] = per
+        CURVE_CONCEPTS[(model, f"{factor}|{level}")] = set(g["concept"])
     return out
+
+
+#: (model, curve key) -> the concepts its mean is over (filled by :func:`curves`)
+CURVE_CONCEPTS: dict[tuple[str, str], set[str]] = {}
 
 
 def naive_points(rows: list[dict[str, Any]], model: str, concepts: set[str] | None = None) -> dict[str, dict[str, float]]:
@@ -629,6 +663,12 @@ def spec_at(curve: dict[float, dict[str, float]], target: float) -> float:
     return max(vals) if vals else float("nan")
 
 
+def eff_at_spec(curve: dict[float, dict[str, float]], floor: float = 0.95) -> float:
+    """Highest efficacy (test) among the curve's points that keep specificity >= floor (0 if none)."""
+    vals = [v["efficacy_test"] for v in curve.values() if v["specificity"] >= floor - 1e-9]
+    return max(vals) if vals else 0.0
+
+
 def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
     import matplotlib
 
@@ -641,12 +681,15 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
              "model's concepts; efficacy on QA_test, delta* chosen by the mean harmonic on QA_train). "
              "See ../study.md for definitions and discussion.", ""]
     models = [m for m in CONCEPTS if any(r.get("model") == m for r in rows)]
-    for model in models:
-        cv = curves(rows, model)
-        concepts = sorted({r["concept"] for r in rows if r.get("model") == model and r.get("method") == "ember"})
-        nv = naive_points(rows, model, set(concepts))
+    for model, group in [(m, g) for m in models for g in ("starter", "release")]:
+        grows = [r for r in rows if r.get("model") == model and str(r.get("concept", "")).startswith(group + ":")]
+        if not any(r.get("method") == "ember" for r in grows):
+            continue
+        cv = curves(grows, model)
+        concepts = sorted({r["concept"] for r in grows if r.get("model") == model and r.get("method") == "ember"})
+        nv = naive_points(grows, model, set(concepts))
         target = nv.get("naive_zero", {}).get("efficacy_test", float("nan"))
-        lines += [f"## {model} ({len(concepts)} concepts: {', '.join(concepts)})", ""]
+        lines += [f"## {model}, {group} concepts ({len(concepts)}: {', '.join(concepts)})", ""]
         if nv:
             lines += ["| naive baseline | tokens | efficacy (test) | efficacy (train) | specificity | simdom kept | "
                       "control kept | ppl kept | harmonic (test) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -655,12 +698,14 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
                              f"{_fmt(v['specificity'])} | {_fmt(v['simdom_kept'])} | {_fmt(v['control_kept'])} | "
                              f"{_fmt(v['ppl_kept'])} | {_fmt(v['harmonic_test'])} |")
             lines.append("")
-        lines += [f"Specificity at matched efficacy: the best specificity among a setting's deltas whose mean "
-                  f"efficacy (test) reaches the naive zero baseline's ({_fmt(target)}); — = no delta reaches it.", "",
-                  "| factor | level | tokens edited | delta* (train) | efficacy (test) | specificity | control kept | "
+        lines += ["Specificity at matched efficacy: the best specificity among a setting's deltas whose mean "
+                  "efficacy (test) reaches the naive zero baseline's on the same concepts (column 'naive zero E'); "
+                  "— = no delta reaches it. Levels that ran on fewer concepts (column n) are means over those only.",
+                  "",
+                  "| factor | level | n | naive zero E / mean E | tokens edited | delta* (train) | efficacy (test) | specificity | control kept | "
                   "harmonic (test) at delta* | best harmonic (test) [delta] | spec. at matched efficacy | "
-                  "max efficacy (test) |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  "max efficacy (test) | efficacy at spec. >= 0.95 |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         keys = sorted(cv, key=lambda k: (FACTOR_ORDER.index(k.split("|")[0]) if k.split("|")[0] in FACTOR_ORDER else 99))
         for key in keys:
             curve = cv[key]
@@ -670,17 +715,22 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
             d_tr, at_tr = best_by(curve, "harmonic_train")
             d_te, at_te = best_by(curve, "harmonic_test")
             mx = max(v["efficacy_test"] for v in curve.values())
-            lines.append(f"| {factor} | {level} | {at_tr.get('n_tokens', float('nan')):.0f} | {d_tr:g} | "
+            cs = CURVE_CONCEPTS[(model, key)]
+            nv_same = naive_points(grows, model, cs)
+            target = nv_same.get("naive_zero", {}).get("efficacy_test", float("nan"))
+            nm = nv_same.get("naive_mean", {}).get("efficacy_test", float("nan"))
+            lines.append(f"| {factor} | {level} | {len(cs)} | {_fmt(target)} / {_fmt(nm)} | "
+                         f"{at_tr.get('n_tokens', float('nan')):.0f} | {d_tr:g} | "
                          f"{_fmt(at_tr['efficacy_test'])} | {_fmt(at_tr['specificity'])} | {_fmt(at_tr['control_kept'])} | "
                          f"{_fmt(at_tr['harmonic_test'])} | {_fmt(at_te['harmonic_test'])} [{d_te:g}] | "
-                         f"{_fmt(spec_at(curve, target))} | {_fmt(mx)} |")
+                         f"{_fmt(spec_at(curve, target))} | {_fmt(mx)} | {_fmt(eff_at_spec(curve))} |")
         lines.append("")
         # per-concept detail: every setting at its train-chosen delta, plus the naive baselines
-        lines += [f"### {model}: per concept (each setting at the delta with the best QA_train harmonic for that concept)", "",
+        lines += [f"### {model}, {group}: per concept (each setting at the delta with the best QA_train harmonic for that concept)", "",
                   "| concept | edit | delta | tokens | efficacy (test) | acc QA_test base→edit | specificity | "
                   "control acc base→edit | simdom kept | ppl kept |", "|---|---|---|---|---|---|---|---|---|---|"]
         for concept in concepts:
-            rs = [r for r in rows if r.get("model") == model and r["concept"] == concept and "derived" in r]
+            rs = [r for r in grows if r.get("model") == model and r["concept"] == concept and "derived" in r]
             groups: dict[str, list[dict[str, Any]]] = {}
             for r in rs:
                 groups.setdefault(r["level"], []).append(r)
@@ -702,7 +752,8 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
             for k in ([base_key] if base_key else []) + fkeys:
                 c = cv[k]
                 ds = sorted(c)
-                xs, ys = [c[d]["specificity"] for d in ds], [c[d]["efficacy_test"] for d in ds]
+                xs, ys = [1.0] + [c[d]["specificity"] for d in ds], [0.0] + [c[d]["efficacy_test"] for d in ds]
+                ds = [0.0] + ds  # delta 0 = the unedited model
                 style = dict(color="black", ls="--") if k == base_key else {}
                 ax.plot(xs, ys, marker="o", label=k.split("|", 1)[1] + (" (paper base)" if k == base_key else ""),
                         **style)
@@ -715,13 +766,14 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
                                label=f"{name} (key-term tokens)")
             ax.set_xlabel("specificity (mean kept: SimdomQA, control facts, neutral ppl)")
             ax.set_ylabel("efficacy on QA_test (1 - kept)")
-            ax.set_xlim(0, 1.02)
+            lo = min([0.6] + [v["specificity"] for k in fkeys + ([base_key] if base_key else []) for v in cv[k].values()])
+            ax.set_xlim(max(0.0, lo - 0.05), 1.02)
             ax.set_ylim(-0.02, 1.0)
             ax.grid(alpha=0.3)
-            ax.set_title(f"{model}: {factor} (mean over {len(concepts)} concepts; labels = delta)", fontsize=10)
+            ax.set_title(f"{model}, {group} concepts: {factor} (mean over up to {len(concepts)}; labels = delta)", fontsize=10)
             ax.legend(fontsize=7, loc="upper left")
             fig.tight_layout()
-            fig.savefig(docs / f"{model}_{factor}.png", dpi=110)
+            fig.savefig(docs / f"{model}_{group}_{factor}.png", dpi=110)
             plt.close(fig)
     (docs / "results.md").write_text("\n".join(lines) + "\n")
     # a flat copy of the points for the repository
