@@ -30,7 +30,7 @@ def _cfg(**kw) -> EvalConfig:
 
 def test_evaluate_returns_flat_scores_rows_and_provenance(tiny, store: ConceptStore) -> None:
     concept = store.concept("Harry Potter")
-    s = evaluate(tiny.model, tiny.tokenizer, concept, store, _cfg(), "test")
+    s = evaluate(tiny.model, tiny.tokenizer, concept, store, _cfg(open_qa=True), "test")
     for k in ("qa_acc", "qa_p_correct", "simdom_acc", "simdom_p_correct", "control_acc", "open_qa_acc", "ppl",
               "relevance", "fluency"):
         assert isinstance(s[k], float), k
