@@ -217,9 +217,23 @@ from ember.config import model_preset
 from ember.models import load_model
 from ember.data import ConceptStore
 from ember.evals.mc import score_loglik
+import threading, time, gc
+def rss():
+    for line in open('/proc/self/status'):
+        if line.startswith('VmRSS'):
+            return int(line.split()[1]) / 1024
 lm = load_model(model_preset('gemma3_270m'))
 qs = ConceptStore('{release}').concept('Harry Potter').mc['QA_test']
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+gc.collect()
+before = rss()
+peak = [before]
+stop = []
+def sample():
+    while not stop:
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+th = threading.Thread(target=sample, daemon=True)
+th.start()
 if '{mode}' == 'full':
     with torch.no_grad():
         for q in qs:
@@ -230,8 +244,9 @@ elif '{mode}' == 'plain':
     score_loglik(lm.model, lm.tokenizer, qs, share_prefix=False)
 else:
     score_loglik(lm.model, lm.tokenizer, qs)
-after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-print(before, after)
+stop.append(1)
+th.join()
+print(before, peak[0])
 """
     rows = []
     res = {}
@@ -256,10 +271,10 @@ print(before, after)
         res[mode] = (before, after)
     full = res["batched_full_logits"][1] - res["batched_full_logits"][0]
     rows.append(Row("Gemma-3-270M evaluation memory (50 questions)", "full-vocabulary logits, one batch of 64 options",
-                    full, "MiB", note=f"peak RSS growth over the loaded model ({res['batched_full_logits'][0]:.0f} MiB)"))
+                    full, "MiB", note=f"peak RSS growth (sampled) over the loaded model ({res['batched_full_logits'][0]:.0f} MiB)"))
     for mode, label in (("plain", "log-likelihood, one sequence per option"), ("shared", "log-likelihood, shared prompt (default)")):
         rows.append(Row("Gemma-3-270M evaluation memory (50 questions)", label, res[mode][1] - res[mode][0], "MiB",
-                        baseline=full, note=f"peak RSS growth over the loaded model ({res[mode][0]:.0f} MiB)"))
+                        baseline=full, note=f"peak RSS growth (sampled) over the loaded model ({res[mode][0]:.0f} MiB)"))
     return rows
 
 
@@ -326,7 +341,8 @@ def write_markdown(rows: list[Row], cmd: str, path: Path, seconds: float) -> str
             lines += ["", f"## {section}", "", "| figure | value | baseline | ratio | note |", "|---|---|---|---|---|"]
         base = "" if r.baseline is None else f"{r.baseline:.4g} {r.unit}"
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
-        lines.append(f"| {r.name} | {r.value:.4g} {r.unit} | {base} | {ratio} | {r.note} |")
+        name, note = r.name.replace("|", "\\|"), r.note.replace("|", "\\|")
+        lines.append(f"| {name} | {r.value:.4g} {r.unit} | {base} | {ratio} | {note} |")
     text = "\n".join(lines) + "\n"
     path.write_text(text)
     return text

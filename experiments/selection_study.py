@@ -491,7 +491,8 @@ def run_model(model_name: str, concepts: list[tuple[str, str]], quick: bool, poi
         base = ev.base_scores()
         log.info("[%s %s] base %s", model_name, ref.label, {k: round(v, 3) for k, v in base.items()})
 
-        def measure(key: str, meta: dict[str, Any], plan: EditPlan, delta: float) -> None:
+        def measure(key: str, meta: dict[str, Any], plan: EditPlan, delta: float,
+                    ref: ConceptRef = ref, base: dict[str, float] = base, ev: Evaluator = ev) -> None:
             if key in points.keys:
                 return
             sig = plan_signature(model_name, ref.label, plan.token_ids, plan.direction, delta) if len(plan) else ""
@@ -668,6 +669,10 @@ def spec_at(curve: dict[float, dict[str, float]], target: float) -> float:
     return max(vals) if vals else float("nan")
 
 
+def slugify_group(group: str) -> str:
+    return group.replace("starter:", "starter_").replace(" ", "_").replace(":", "_")
+
+
 def eff_at_spec(curve: dict[float, dict[str, float]], floor: float = 0.95) -> float:
     """Highest efficacy (test) among the curve's points that keep specificity >= floor (0 if none)."""
     vals = [v["efficacy_test"] for v in curve.values() if v["specificity"] >= floor - 1e-9]
@@ -686,15 +691,20 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
              "model's concepts; efficacy on QA_test, delta* chosen by the mean harmonic on QA_train). "
              "See ../study.md for definitions and discussion.", ""]
     models = [m for m in CONCEPTS if any(r.get("model") == m for r in rows)]
-    for model, group in [(m, g) for m in models for g in ("starter", "release")]:
-        grows = [r for r in rows if r.get("model") == model and str(r.get("concept", "")).startswith(group + ":")]
+    groups = [(m, g) for m in models for g in ("starter", "release")]
+    groups.insert(1, ("smollm2_135m", "starter:Harry Potter"))  # the full factor set ran on this one
+    for model, group in groups:
+        if model not in models:
+            continue
+        grows = [r for r in rows if r.get("model") == model and
+                 (str(r.get("concept", "")).startswith(group + ":") or r.get("concept") == group)]
         if not any(r.get("method") == "ember" for r in grows):
             continue
         cv = curves(grows, model)
         concepts = sorted({r["concept"] for r in grows if r.get("model") == model and r.get("method") == "ember"})
         nv = naive_points(grows, model, set(concepts))
         target = nv.get("naive_zero", {}).get("efficacy_test", float("nan"))
-        lines += [f"## {model}, {group} concepts ({len(concepts)}: {', '.join(concepts)})", ""]
+        lines += [f"## {model}, {group}{'' if ':' in group else ' concepts'} ({len(concepts)}: {', '.join(concepts)})", ""]
         if nv:
             lines += ["| naive baseline | tokens | efficacy (test) | efficacy (train) | specificity | simdom kept | "
                       "control kept | ppl kept | harmonic (test) |", "|---|---|---|---|---|---|---|---|---|"]
@@ -750,7 +760,9 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
         # plots: one per factor, the base curve on each
         base_key = next((k for k in cv if k.startswith("base|")), None)
         for factor in FACTOR_ORDER[1:]:
-            fkeys = [k for k in keys if k.startswith(factor + "|") and cv[k]]
+            # only levels measured on every concept of the group, so that they compare with the naive markers
+            fkeys = [k for k in keys if k.startswith(factor + "|") and cv[k]
+                     and len(CURVE_CONCEPTS[(model, k)]) == len(concepts)]
             if not fkeys:
                 continue
             fig, ax = plt.subplots(figsize=(6.4, 5.0))
@@ -775,10 +787,10 @@ def write_report(rows: list[dict[str, Any]], docs: Path) -> None:
             ax.set_xlim(max(0.0, lo - 0.05), 1.02)
             ax.set_ylim(-0.02, 1.0)
             ax.grid(alpha=0.3)
-            ax.set_title(f"{model}, {group} concepts: {factor} (mean over up to {len(concepts)}; labels = delta)", fontsize=10)
+            ax.set_title(f"{model}, {group}: {factor} (mean over {len(concepts)} concept(s); labels = delta)", fontsize=10)
             ax.legend(fontsize=7, loc="upper left")
             fig.tight_layout()
-            fig.savefig(docs / f"{model}_{group}_{factor}.png", dpi=110)
+            fig.savefig(docs / f"{model}_{slugify_group(group)}_{factor}.png", dpi=110)
             plt.close(fig)
     (docs / "results.md").write_text("\n".join(lines) + "\n")
     # a flat copy of the points for the repository
@@ -802,7 +814,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--concepts", default=None,
                     help="comma-separated source:name (e.g. 'starter:Harry Potter,release:Baseball'); "
                          "default: the study's set for the model")
-    ap.add_argument("--quick", action="store_true", help="reduced settings and 3 deltas")
+    ap.add_argument("--quick", action="store_true", help="reduced settings (base, K=400, the combination) and 2 deltas")
     ap.add_argument("--report-only", action="store_true", help="only rebuild tables and plots from the points")
     ap.add_argument("--no-report", action="store_true")
     args = ap.parse_args(argv)
