@@ -54,7 +54,7 @@ def _text(exc: Exception) -> str:
     return f"{exc} {exc.__cause__ or ''}"
 
 
-@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=60, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
 @given(st.sampled_from(NUMERIC_RANGES).flatmap(lambda t: st.tuples(st.just(t[0]), t[1], st.just(t[2]))))
 def test_out_of_range_numbers(case) -> None:
     key, value, expect = case
@@ -63,7 +63,7 @@ def test_out_of_range_numbers(case) -> None:
     assert expect in _text(exc), _text(exc)
 
 
-@settings(max_examples=40, deadline=None)
+@settings(max_examples=40, deadline=None, derandomize=True)
 @given(st.sampled_from(WRONG_TYPES), st.sampled_from(["abc", "[1,2]", "{a: 1}", "1.5.3", "yes please"]))
 def test_wrong_types(key: str, value: str) -> None:
     if key == "relearn.lr" and value == "[1,2]":
@@ -73,7 +73,7 @@ def test_wrong_types(key: str, value: str) -> None:
     assert key.split(".")[-1] in _text(exc), _text(exc)
 
 
-@settings(max_examples=30, deadline=None)
+@settings(max_examples=30, deadline=None, derandomize=True)
 @given(st.sampled_from(NAMES), st.text(alphabet="abcdefghijklmnopqrstuvwxyz_", min_size=3, max_size=12))
 def test_unknown_names(group, name: str) -> None:
     g, expect = group
@@ -81,12 +81,14 @@ def test_unknown_names(group, name: str) -> None:
 
     if (CONF_DIR / g / f"{name}.yaml").exists():
         return
+    if name.lower() in ("null", "true", "false", "nan", "inf", "none"):
+        return  # Hydra's grammar reads these as values, not option names (its own error, not ours)
     exc = _preflight([f"{g}={name}"])
     TRIED["config"] += 1
     assert expect in _text(exc) and name in _text(exc)
 
 
-@settings(max_examples=20, deadline=None)
+@settings(max_examples=20, deadline=None, derandomize=True)
 @given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz ", min_size=3, max_size=20))
 def test_unknown_concepts_and_attacks(name: str) -> None:
     exc = _preflight([f"concepts.names=[{name.strip() or 'x'}]"])
@@ -126,7 +128,7 @@ def starter_copy(tmp_path_factory) -> Path:
     return root / "orig"
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=80, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(FILES), st.data(), st.sampled_from(["delete", "wrong_type", "empty", "non_utf8", "answer_missing"]))
 def test_malformed_data_files(starter_copy: Path, tmp_path_factory, fname: str, data, kind: str) -> None:
     from ember.data import ConceptStore
