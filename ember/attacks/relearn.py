@@ -42,6 +42,7 @@ from torch import nn
 from ember.attacks import register_attack
 from ember.attacks.base import AttackContext, AttackResult, merge_settings, questions
 from ember.errors import ConfigError
+from ember.evals.loglik import right_pad
 from ember.evals.mc import score_loglik
 from ember.methods.base import loss_guard
 
@@ -86,12 +87,7 @@ def _encode(tok: Any, paras: list[str], max_length: int) -> list[list[int]]:
 
 
 def _batch(seqs: list[list[int]], pad: int, device: torch.device) -> dict[str, torch.Tensor]:
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
-    attn = torch.zeros((len(seqs), width), dtype=torch.long)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)] = torch.tensor(s)
-        attn[r, : len(s)] = 1
+    ids, attn = right_pad(seqs, pad)
     labels = ids.masked_fill(attn == 0, -100)
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 

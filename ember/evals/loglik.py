@@ -47,6 +47,17 @@ def encode_pair(tokenizer: Any, context: str, continuation: str, bos: bool) -> t
     return ctx, cont
 
 
+def right_pad(seqs: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-id lists as a right-padded ``(input_ids, attention_mask)`` pair of long tensors."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad, dtype=torch.long)
+    attn = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(list(seq), dtype=torch.long)
+        attn[r, : len(seq)] = 1
+    return ids, attn
+
+
 def _final_logits(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden)
     cap = getattr(model.config, "final_logit_softcapping", None)
@@ -81,13 +92,7 @@ def score_continuations(
     base = _base_model(model)
     batches = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
     for batch in tqdm(batches, desc=desc, disable=not progress, leave=False):
-        seqs = [encoded[i][0] + encoded[i][1] for i in batch]
-        width = max(len(s) for s in seqs)
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attn = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, s in enumerate(seqs):
-            ids[r, : len(s)] = torch.tensor(s)
-            attn[r, : len(s)] = 1
+        ids, attn = right_pad([encoded[i][0] + encoded[i][1] for i in batch], pad)
         hidden = base(input_ids=ids.to(device), attention_mask=attn.to(device)).last_hidden_state
         # gather the hidden states that predict each continuation token
         rows, cols, targets, owners = [], [], [], []

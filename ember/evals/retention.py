@@ -21,7 +21,7 @@ from torch import nn
 
 from ember.data import MCQuestion
 from ember.evals.lm_eval_tasks import run_lm_eval_tasks
-from ember.evals.loglik import _base_model, wants_bos
+from ember.evals.loglik import _base_model, right_pad, wants_bos
 from ember.evals.mc import MCResult, score_letter, score_loglik, token_logprobs
 
 __all__ = ["PerplexityResult", "perplexity", "run_lm_eval_tasks", "score_mc", "lm_eval_chance"]
@@ -74,18 +74,13 @@ def perplexity(
     counts = [0] * len(enc)
     for s in range(0, len(order), batch_size):
         batch = order[s : s + batch_size]
-        width = len(enc[batch[0]])
-        ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for r, i in enumerate(batch):
-            ids[r, : len(enc[i])] = torch.tensor(enc[i])
-            mask[r, : len(enc[i])] = 1
+        ids, mask = right_pad([enc[i] for i in batch], pad)
         hidden = base(input_ids=ids.to(device), attention_mask=mask.to(device)).last_hidden_state
         pred_mask = mask[:, 1:].bool().to(device)  # position p predicts token p + 1
         h = hidden[:, :-1][pred_mask]
         tgt = ids[:, 1:].to(device)[pred_mask]
         lp, _ = token_logprobs(model, h, tgt)
-        owner = torch.arange(len(batch), device=device)[:, None].expand(-1, width - 1)[pred_mask]
+        owner = torch.arange(len(batch), device=device)[:, None].expand(-1, ids.shape[1] - 1)[pred_mask]
         per = torch.zeros(len(batch), device=device).index_add_(0, owner, lp)
         for r, i in enumerate(batch):
             sums[i] = -float(per[r])
