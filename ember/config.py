@@ -198,6 +198,8 @@ class RunConfig:
     )
     progress: bool = True
     experiment_name: str = "default"
+    # keep the erased model in the job directory (changed parameters only) so a resumed job skips erasure
+    save_erased_weights: bool = True
 
 
 def register_configs() -> None:

@@ -22,6 +22,15 @@ def cache_lock(path: Path, timeout: float = 3600) -> Iterator[None]:
         yield
 
 
+def _default_file_mode() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+_FILE_MODE = _default_file_mode()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` so readers see the old file or the complete new one, never half."""
     path = Path(path)
@@ -32,6 +41,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             fh.write(data)
             fh.flush()
             os.fsync(fh.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes 0600 files; results are shared like any other file
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

@@ -285,6 +285,8 @@ class ConceptRun:
         done = self._done("erase")
         if done and not need_model:
             return self.files.read_stage(self.slug, "erase")
+        if done and not self.cfg.overwrite and self._reload_erased():
+            return self.files.read_stage(self.slug, "erase")
         t0 = time.perf_counter()
         seed_everything(self.cfg.seed)
         result: dict[str, Any] = {"ember": bool(self.cfg.ember.enabled)}
@@ -312,9 +314,35 @@ class ConceptRun:
         status = "complete" if mrep.status == "ok" else "failed"
         if status == "failed":  # top-level reason, as every failed stage has (read by the sweep summary)
             result["reason"] = f"method {mrep.name} {mrep.status}: {mrep.reason}"
+        result["edited_token_ids"] = self.edited_ids
+        if status == "complete" and self.cfg.save_erased_weights and not done:
+            from ember.erased_weights import save_diff
+
+            result["erased_weights"] = save_diff(self.files.concept_dir(self.slug) / "erased_weights.safetensors",
+                                                 self.lm.model, self.work)
         if done:
             return self.files.read_stage(self.slug, "erase")
         return self._finish("erase", result, t0, status)
+
+    def _reload_erased(self) -> bool:
+        """Rebuild the erased model from the saved weight difference of a finished erase stage."""
+        from ember.erased_weights import apply_diff, load_diff
+
+        rec = self.files.read_stage(self.slug, "erase") or {}
+        saved = rec.get("erased_weights")
+        if rec.get("status") != "complete" or not saved:
+            return False
+        diff = load_diff(self.files.concept_dir(self.slug) / saved["file"], saved.get("sha256"))
+        if diff is None:
+            return False
+        self.work = copy.deepcopy(self.lm.model)
+        apply_diff(self.work, diff)
+        self.work.eval()
+        self.work.requires_grad_(False)
+        self.edited_ids = list(rec.get("edited_token_ids", []))
+        log.info("[%s] erased model reloaded from %s (%.1f MB)", self.concept.name, saved["file"],
+                 saved.get("bytes", 0) / 1e6)
+        return True
 
     def _base_scores(self, split: str) -> dict[str, Any]:
         rec = self.files.read_stage(self.slug, "baseline")

@@ -220,3 +220,26 @@ def test_joblib_launcher_two_job_sweep(tmp_path):
     assert all(jobs.read_json(p)["failures"] == {} for p in results)
     status = jobs.read_json(sweep / "sweep_status.json")
     assert len(status["ok"]) == 2 and not status["failed"]
+
+
+@pytest.mark.timeout(400)
+def test_resume_after_erase_reloads_the_erased_weights(sweep2x2, tmp_path):
+    """A job stopped after its erase stage resumes from the saved weight difference, without re-erasing,
+    and evaluates exactly as the uninterrupted job of the 2x2 sweep did."""
+    job = tmp_path / "job"
+    common = ["method=ga_fast", "ember=on", f"hydra.run.dir={job}"]
+    jobs.run_ember([*common, "stages=[baseline,features,erase]"], sweep2x2["cache"])
+    (concept,) = jobs.concept_dirs(job)
+    erase = jobs.read_json(concept / "erase.json")
+    saved = erase["erased_weights"]
+    assert (concept / saved["file"]).stat().st_size == saved["bytes"] > 0
+    erase_mtime = (concept / "erase.json").stat().st_mtime_ns
+
+    resumed = jobs.run_ember([*common, STAGES4], sweep2x2["cache"])
+    assert "erased model reloaded" in resumed.stdout + resumed.stderr
+    assert (concept / "erase.json").stat().st_mtime_ns == erase_mtime  # not recomputed
+    ref_job = sweep2x2["dir"] / "ember=on,method=ga_fast" / "seed=42"
+    (ref_concept,) = jobs.concept_dirs(ref_job)
+    got = jobs.read_json(concept / "evaluate.json")["metrics"]
+    want = jobs.read_json(ref_concept / "evaluate.json")["metrics"]
+    assert jobs.diff_values(got, want, 1e-6) == []

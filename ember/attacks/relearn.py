@@ -166,8 +166,8 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
                "retain_acc": ret.acc if ret else float("nan"),
                "retain_p_correct": ret.p_correct if ret else float("nan"),
                "seconds": round(time.perf_counter() - t0, 2)}
-        log.info("relearn %s epoch %d: loss=%.4f qa_acc=%.3f retain_acc=%.3f", mode, epoch, loss, qa.acc,
-                 row["retain_acc"])
+        log.info("relearn %s epoch %d: %s qa_acc=%.3f retain_acc=%.3f", mode, epoch,
+                 "before training" if epoch == 0 else f"train loss {loss:.4f}", qa.acc, row["retain_acc"])
         return row
 
     curve = [evaluate(0, float("nan"), 0)]
