@@ -246,6 +246,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _require(cfg.relearn.name in ("none", "full", "lora"), "relearn.name", cfg.relearn.name, "use none, full or lora")
     _require(cfg.relearn.epochs >= 1, "relearn.epochs", cfg.relearn.epochs, "use at least 1")
     _require(cfg.relearn.lr > 0, "relearn.lr", cfg.relearn.lr, "use a positive learning rate")
+    for key in ("max_paragraphs", "batch_size", "max_length"):
+        _require(getattr(cfg.relearn, key) >= 1, f"relearn.{key}", getattr(cfg.relearn, key), "use a positive integer")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode, "use offline, online or disabled")
     from ember.stages import STAGES
 
@@ -255,6 +257,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
 
 def validate_against_model(cfg: DictConfig | RunConfig, d_model: int) -> None:
     """Checks that need the loaded model's size."""
+    if not cfg.ember.enabled:
+        return  # the factorization is not run
     rank = cfg.ember.factorization.rank
     _require(rank <= d_model, "ember.factorization.rank", rank,
              f"the rank must not exceed the model's d_model ({d_model}); the paper uses 100-200")

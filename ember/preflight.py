@@ -2,8 +2,8 @@
 
 ``preflight`` validates the config, resolves and reads every requested concept (so a malformed
 data file fails now, naming the file and key), instantiates the method (unknown parameters fail
-now), checks attack names, and checks the factorization rank against the model's width read from
-its config alone (no weights loaded).
+now), checks attack names, and checks the factorization rank and the method's layers (every grid
+cell) against the model's width and depth read from its config alone (no weights loaded).
 """
 
 from __future__ import annotations
@@ -27,28 +27,45 @@ class Checked:
     concepts: list[ConceptData]
 
 
-def peek_d_model(cfg: DictConfig) -> int | None:
-    """The model's width from its config file or preset, without loading weights (None if unknown)."""
+def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """The model's width and depth from its config file or preset, without loading weights (None if unknown)."""
     m = cfg.model
     if m.source == "tiny_random":
-        return int(m.tiny.d_model)
+        return int(m.tiny.d_model), int(m.tiny.n_layers)
+    c: Any = None
     if m.source == "packaged":
         from ember.models import _float_cache_dir
 
         p = _float_cache_dir(m, Path(cfg.cache_dir)) / "config.json"
         if p.exists():
             c = json.loads(p.read_text())
-            return int((c.get("text_config") or c).get("hidden_size", 0)) or None
-        return None
-    if m.source == "hub":
+            c = c.get("text_config") or c
+    elif m.source == "hub":
         try:
             from transformers import AutoConfig
 
-            c = AutoConfig.from_pretrained(m.hub_id)
-            return int(getattr(getattr(c, "text_config", None) or c, "hidden_size", 0)) or None
+            conf = AutoConfig.from_pretrained(m.hub_id)
+            c = (getattr(conf, "text_config", None) or conf).to_dict()
         except Exception:
-            return None  # load_model will report the missing model clearly
-    return None
+            return None, None  # load_model will report the missing model clearly
+    if not c:
+        return None, None
+    return int(c.get("hidden_size", 0)) or None, int(c.get("num_hidden_layers", 0)) or None
+
+
+def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
+    """The method's layer settings (and every cell of a configured grid search) exist in the model."""
+    from ember.methods import get_method
+    from ember.search import method_cells
+
+    params: Any = OmegaConf.to_container(cfg.method.params, resolve=True) or {}
+    cells = method_cells(cfg.method) if cfg.method.search != "none" and cfg.method.name != "none" else [{}]
+    for cell in cells:
+        try:
+            get_method(cfg.method.name, {**params, **cell}).check_against_model(n_layers)
+        except ConfigError as exc:
+            where = f" (grid cell {cell})" if cell else ""
+            raise ConfigError(f"{exc}{where}, for model '{cfg.model.name}'") from None
 
 
 def preflight(cfg: DictConfig) -> Checked:
@@ -68,7 +85,9 @@ def preflight(cfg: DictConfig) -> Checked:
         raise EmberError(f"concepts.names: no concepts found in {store.root}")
     concepts = [store.concept(n) for n in names]
     starter = starter_store(cfg)
-    d = peek_d_model(cfg)
+    d, n_layers = peek_dims(cfg)
     if d is not None:
         validate_against_model(cfg, d)
+    if n_layers is not None:
+        check_method_layers(cfg, n_layers)
     return Checked(store=store, starter=starter, concepts=concepts)

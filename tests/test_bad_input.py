@@ -100,6 +100,21 @@ def test_unknown_concepts_and_attacks(name: str) -> None:
     TRIED["config"] += 3
 
 
+@pytest.mark.parametrize("overrides, key", [
+    (["method=rmu", "method.params.layer=5"], "method.params.layer"),  # tiny_random has 2 layers
+    (["method=ga", "method.params.layers=[0,7]"], "method.params.layers"),
+    (["method=snmf", "method.params.out_layers=[1,3]"], "method.params.out_layers"),
+    (["method=rmu", "method.search=quick", "+method.quick_grid.layer=[0,9]"], "grid cell"),
+    (["relearn.max_paragraphs=0"], "relearn.max_paragraphs"),
+])
+def test_layers_the_model_lacks_and_empty_relearning_fail_in_preflight(overrides, key) -> None:
+    exc = _preflight(["model=tiny_random", "ember=off", *overrides])
+    TRIED["config"] += 1
+    assert key in _text(exc), _text(exc)
+    if "relearn" not in key:
+        assert "2 layers" in _text(exc), _text(exc)
+
+
 FILES = ["mc_questions.json", "open_questions.json", "concept_sentences.json", "relearn_paragraphs.json",
          "neutral_sentences.json", "key_terms.json"]
 

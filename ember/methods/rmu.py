@@ -109,6 +109,9 @@ class RMU(Method):
         check_positive_int(p, "steps", allow_none=True)
         require(isinstance(p["mask_padding"], bool), "mask_padding", p["mask_padding"], "use true or false")
 
+    def check_against_model(self, n_layers: int) -> None:
+        self.resolve_layers(n_layers)
+
     def resolve_layers(self, n_layers: int) -> tuple[int, list[int]]:
         layer = resolve_layer(self.params["layer"], n_layers, "layer")
         if self.params["layer_ids"] is None:

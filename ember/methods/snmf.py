@@ -337,6 +337,11 @@ class SNMF(Method):
         f = e.f_out.to(cols.device)
         W[:, e.neurons] = (cols - delta * torch.outer(f, f @ cols)).to(W.dtype)
 
+    def check_against_model(self, n_layers: int) -> None:
+        for side in ("in", "out"):
+            if self.params[f"{side}_delta"] > 0:
+                resolve_layer_range(self.params[f"{side}_layers"], n_layers, f"{side}_layers")
+
     def apply(self, ctx: MethodContext) -> MethodReport:
         from ember.models import decoder_layers
 

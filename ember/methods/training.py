@@ -424,6 +424,9 @@ class LMUnlearningMethod:
         except re.error as exc:
             raise bad_param("trainable", p["trainable"], f"not a valid regular expression ({exc})") from exc
 
+    def check_against_model(self, n_layers: int) -> None:
+        resolve_layer_range(self.params["layers"], n_layers, "layers")
+
     def trainable_params(self, model: nn.Module, n_layers: int) -> list[tuple[str, nn.Parameter]]:
         layers = resolve_layer_range(self.params["layers"], n_layers, "layers")
         pattern = self.params["trainable"].replace("{layers}", layer_alternation(layers))
