@@ -363,7 +363,7 @@ class ConceptRun:
         return self._finish("evaluate", {"scores": scores, "metrics": rel}, t0)
 
     def attacks(self) -> dict[str, Any]:
-        from ember.attacks import ATTACKS, AttackContext, recovered_fraction
+        from ember.attacks import ATTACKS, AttackContext, attack_code_version, recovered_fraction
 
         t0 = time.perf_counter()
         spec = self.cfg.attacks or {}
@@ -382,7 +382,7 @@ class ConceptRun:
             attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
             key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
                    "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
-                   "max_questions": self.cfg.eval.max_questions}
+                   "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name)}
 
             def control(name: str = name, settings: dict = settings, ctx: Any = ctx) -> Any:
                 seed_everything(self.cfg.seed)

@@ -421,3 +421,12 @@ def test_relearn_divergence_is_reported(tiny, concept) -> None:
     assert res_none.status == "skipped"
     with pytest.raises(ConfigError, match="relearn.name"):
         relearn_model(tiny.model, tiny.tokenizer, concept, {"name": "partial"}, AttackContext())
+
+
+def test_attack_code_version_keys_the_control_cache_by_source():
+    from ember.attacks import ATTACKS, attack_code_version
+
+    versions = {n: attack_code_version(n) for n in ATTACKS}
+    assert versions == {n: attack_code_version(n) for n in ATTACKS}  # deterministic
+    assert versions["gcg"] != versions["probe"] != versions["jailbreak"]  # different modules, different digests
+    assert versions["jailbreak"] == versions["incontext"]  # same module (prompting.py)

@@ -44,6 +44,22 @@ def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
     return deco
 
 
+def attack_code_version(name: str) -> str:
+    """A digest of the source of the attack's module and of the shared scoring code it relies on, part of
+    the cache key of its control run: editing an attack invalidates its cached controls."""
+    import hashlib
+    import inspect
+    import sys
+
+    from ember.attacks import base
+    from ember.evals import loglik
+
+    h = hashlib.sha256()
+    for mod in (sys.modules[get_attack(name).__module__], base, loglik):
+        h.update(inspect.getsource(mod).encode())
+    return h.hexdigest()[:16]
+
+
 def get_attack(name: str) -> AttackFn:
     if name not in ATTACKS:
         raise ConfigError(f"attacks.enabled: unknown attack {name!r}; registered attacks: {sorted(ATTACKS)}")
