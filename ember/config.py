@@ -91,6 +91,9 @@ class FactorizationConfig:
     plateau_patience: int = 25
     seed: int = 42
     device: str = "auto"
+    # float64: the fit (and so the chosen features) does not depend on the BLAS thread count; in float32
+    # 1 and 2 threads gave different features on SmolLM2 (docs/design.md "Factorization precision")
+    dtype: str = "float64"
 
 
 @dataclass
@@ -234,6 +237,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
         _require(e.delta >= 0, "ember.delta", e.delta, "use a non-negative number, or null to pick from ember.delta_grid")
     _require(len(e.delta_grid) > 0, "ember.delta_grid", list(e.delta_grid), "give at least one delta")
     _require(all(d >= 0 for d in e.delta_grid), "ember.delta_grid", list(e.delta_grid), "deltas must be non-negative")
+    _require(e.factorization.dtype in ("float32", "float64"), "ember.factorization.dtype", e.factorization.dtype,
+             "use float64 (reproducible across thread counts) or float32 (half the time)")
     _require(0 <= e.retention_gate <= 1, "ember.retention_gate", e.retention_gate, "use a fraction in [0, 1]")
     for b in e.background:
         _require(b in ("neutral", "other_concepts", "general"), "ember.background", list(e.background),

@@ -116,6 +116,7 @@ def _init_factors(n: int, d: int, k: int, seed: int, device: torch.device, nonne
     return F.to(device), G.to(device)
 
 
+
 def _fit_once(
     A: torch.Tensor,
     rank: int,
@@ -129,7 +130,7 @@ def _fit_once(
     desc: str,
 ) -> tuple[torch.Tensor, torch.Tensor, list[float], int, int, str]:
     d, n = A.shape
-    F, G = _init_factors(n, d, rank, seed, A.device, nonneg_g)
+    F, G = (t.to(A.dtype) for t in _init_factors(n, d, rank, seed, A.device, nonneg_g))
     a_sq = float((A.double() ** 2).sum())
     curve: list[float] = []
     best_F, best_G, best_it = F, G, -1
@@ -174,7 +175,7 @@ def _with_ridge_retries(
         best = curve[best_it]
         a_sq = float((A * A).sum())
         return FactorizationResult(
-            F=F.cpu(), G=G.cpu(), loss_curve=curve, best_iter=best_it, n_iter=n_it, best_loss=best,
+            F=F.cpu().float(), G=G.cpu().float(), loss_curve=curve, best_iter=best_it, n_iter=n_it, best_loss=best,
             reg_used=r, seconds=time.perf_counter() - start, stopped_by=stopped,
             relative_residual=best / a_sq if a_sq else 0.0, attempts=attempts,
         )
@@ -197,15 +198,16 @@ def sparse_factorize(
     seed: int = 42,
     device: str = "auto",
     progress: bool = False,
+    dtype: torch.dtype = torch.float64,
 ) -> FactorizationResult:
-    """The EMBER embedding factorization ``A ~= F G^T`` (see the module docstring)."""
+    """The EMBER embedding factorization ``A ~= F G^T`` (see the module docstring), computed in ``dtype``."""
     d, n = A.shape
     if not 0 < sparsity <= 1:
         raise ConfigError(f"ember.factorization.sparsity={sparsity}: use a fraction in (0, 1]")
     if rank < 1 or rank > min(d, n):
         raise ConfigError(f"ember.factorization.rank={rank}: must be between 1 and min(d_model={d}, |V'|={n})")
     m = max(1, math.ceil(sparsity * n))
-    A = A.to(_resolve_device(device), torch.float32)
+    A = A.to(_resolve_device(device), dtype)
     At = A.T.contiguous()
 
     def make_step() -> Callable:

@@ -104,6 +104,7 @@ def compute_embedding_features(
     settings = {k: getattr(fcfg, k) for k in (
         "rank", "sparsity", "reg", "reg_tries", "tol", "patience", "max_iter", "stopping",
         "plateau_rel_tol", "plateau_patience", "seed")}
+    settings["dtype"] = getattr(fcfg, "dtype", "float64")  # the schema's default when a caller passes none
     key = {
         "model": model_facts.name, "source": model_facts.source, "embeddings": embedding_fingerprint(rows),
         "concept": concept, "n_vprime": len(vprime), "vprime": embedding_fingerprint(ids.float()),
@@ -115,7 +116,8 @@ def compute_embedding_features(
                  concept, fcfg.rank, fcfg.sparsity)
         res: FactorizationResult = sparse_factorize(
             rows.T, fcfg.rank, fcfg.sparsity, fcfg.reg, fcfg.reg_tries, fcfg.tol, fcfg.patience, fcfg.max_iter,
-            fcfg.stopping, fcfg.plateau_rel_tol, fcfg.plateau_patience, fcfg.seed, fcfg.device, progress)
+            fcfg.stopping, fcfg.plateau_rel_tol, fcfg.plateau_patience, fcfg.seed, fcfg.device, progress,
+            getattr(torch, settings["dtype"]))
         log.info("factorization: best loss %.6g at iteration %d of %d (%s), relative residual %.3f, %.1fs",
                  res.best_loss, res.best_iter, res.n_iter, res.stopped_by, res.relative_residual, res.seconds)
         return {"F": res.F, "G": res.G, "fit": {

@@ -108,3 +108,23 @@ def test_impossible_settings_fail_clearly(bad: dict) -> None:
     kw = {"rank": 3, "sparsity": 0.1} | bad
     with pytest.raises(ConfigError, match="ember.factorization"):
         sparse_factorize(A, **kw)
+
+
+def test_float64_fit_does_not_depend_on_the_thread_count(smollm2) -> None:
+    """On real embeddings (SmolLM2 rows 1000-5999, K=400) the float32 fit's top-k supports already differ
+    between 1 and 2 BLAS threads after 4 iterations; the float64 default gives the same supports."""
+    A = smollm2.model.get_input_embeddings().weight.detach()[1000:6000].T.contiguous()
+    before = torch.get_num_threads()
+    supports = {}
+    try:
+        for dtype in (torch.float32, torch.float64):
+            for threads in (1, 2):
+                torch.set_num_threads(threads)
+                res = sparse_factorize(A, rank=400, sparsity=0.01, max_iter=4, dtype=dtype)
+                supports[dtype, threads] = res.G != 0
+    finally:
+        torch.set_num_threads(before)
+    assert res.F.dtype == torch.float32  # results are handed on in the model's precision
+    if torch.equal(supports[torch.float32, 1], supports[torch.float32, 2]):
+        pytest.skip("this BLAS gives float32 results independent of the thread count: nothing to compare")
+    assert torch.equal(supports[torch.float64, 1], supports[torch.float64, 2])
