@@ -52,9 +52,12 @@ def choose_delta(
     retention_gate: float = 0.9,
     coherence_gate: float = 0.9,
     on_row: Callable[[dict[str, Any]], None] | None = None,
+    progress: bool = False,
 ) -> DeltaChoice:
+    from tqdm.auto import tqdm
+
     rows = []
-    for d in sorted(grid):
+    for d in tqdm(sorted(grid), desc="delta grid", disable=not progress, leave=False):
         row = {"delta": float(d), **score(float(d))}
         row["gate_pass"] = passes_gates(row, retention_keys, coherence_keys, retention_gate, coherence_gate)
         row["objective"] = _objective(row) if row["gate_pass"] else 0.0

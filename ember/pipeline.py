@@ -219,7 +219,7 @@ class ConceptRun:
 
         def build() -> dict[str, Any]:
             choice = choose_delta(list(e.delta_grid), score, RETENTION_KEYS, COHERENCE_KEYS,
-                                  e.retention_gate, e.coherence_gate)
+                                  e.retention_gate, e.coherence_gate, progress=self._progress())
             return {"delta": choice.delta, "rows": choice.rows, "reason": choice.reason}
 
         got = self.cache.get_or_build("delta_choice", f"{self.lm.facts.name}/{self.slug}", key, build)
@@ -274,7 +274,7 @@ class ConceptRun:
             return relative(s, base_train)
 
         res = search(method_cells(self.cfg.method), score_cell, RETENTION_KEYS, self.cfg.method.retention_gate,
-                     self.cfg.method.top_k_validate, self.files.concept_dir(self.slug))
+                     self.cfg.method.top_k_validate, self.files.concept_dir(self.slug), self._progress())
         log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],
                  res["n_passing"], res["n_cells"])
         return {**base, **res["best_params"]}, res

@@ -3,7 +3,8 @@
 1. Every grid cell runs on a fresh copy of the model (EMBER-edited when on) and is scored on the
    *train* split without coherence; a cell whose retention terms fall below
    ``method.retention_gate`` scores 0.
-2. The ``top_k_validate`` best cells by harmonic are re-scored with coherence.
+2. The ``top_k_validate`` best cells by harmonic are re-scored with coherence. When that is every
+   cell (a quick grid), the first pass scores coherence directly and no cell is trained twice.
 3. The best by harmonic_alpaca wins; the caller then evaluates it once on the test split.
 
 Each scored cell is appended to a JSONL file in the job directory as soon as it finishes, so an
@@ -22,6 +23,8 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from tqdm.auto import tqdm
 
 log = logging.getLogger("ember")
 
@@ -72,18 +75,23 @@ def search(
     retention_gate: float,
     top_k: int,
     out_dir: Path,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """Run the protocol; ``score_cell(params, with_coherence)`` returns relative metrics."""
     grid_path, val_path = out_dir / "grid.jsonl", out_dir / "grid_validate.jsonl"
     done = read_jsonl(grid_path)
-    for i, params in enumerate(cells):
+    # when every cell will be validated anyway (a quick grid), score coherence in the first pass and
+    # skip the second training of each cell
+    coherence_first = top_k >= len(cells)
+    for i, params in enumerate(tqdm(cells, desc="grid", disable=not progress, leave=False)):
         cid = cell_id(params)
         if cid in done:
             continue
-        m = score_cell(params, False)
+        m = score_cell(params, coherence_first)
         gate = all(not isinstance(m.get(k), (int, float)) or not math.isfinite(m[k]) or m[k] >= retention_gate
                    for k in retention_keys)
         rec = {"cell": cid, "params": params, "gate_pass": gate, "score": _finite(m.get("harmonic")) if gate else 0.0,
+               "with_coherence": coherence_first,
                **{k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}}
         append_jsonl(grid_path, rec)
         done[cid] = rec
@@ -97,9 +105,12 @@ def search(
     for r in top:
         if r["cell"] in vals:
             continue
-        m = score_cell(r["params"], True)
-        v = {"cell": r["cell"], "params": r["params"], "gate_pass": r["gate_pass"],
-             **{k: x for k, x in m.items() if isinstance(x, (int, float, str, bool))}}
+        if r.get("with_coherence"):
+            v = {k: x for k, x in r.items() if k not in ("score", "with_coherence")}
+        else:
+            m = score_cell(r["params"], True)
+            v = {"cell": r["cell"], "params": r["params"], "gate_pass": r["gate_pass"],
+                 **{k: x for k, x in m.items() if isinstance(x, (int, float, str, bool))}}
         append_jsonl(val_path, v)
         vals[r["cell"]] = v
     best = max((vals[r["cell"]] for r in top),
