@@ -4,7 +4,10 @@
 ``config.yaml`` below the directory is a job, and its ``<concept>/<stage>.json`` files are the
 results. Rows are (model, method, EMBER off/on); columns are the paper's metrics, attack
 accuracies and accuracy after relearning, as mean +- std over concepts and seeds; the best value
-of each column is bold. Writes ``report.md``, ``report.tex``, ``report.csv``, ``rows.csv`` and PNG plots.
+of each column is bold. Writes ``report.md``, ``report.tex``, ``report.csv``, ``rows.csv`` and PNG plots,
+and when the jobs ran attacks or relearning, ``report_attacks.{md,csv}`` (per attack: accuracy under
+attack, the control on the unedited model, the erased accuracy and the recovered fraction) and
+``report_relearn.{md,csv}`` (accuracy after every relearning epoch).
 """
 
 from __future__ import annotations
@@ -89,6 +92,51 @@ def paper_table(df: pd.DataFrame) -> pd.DataFrame:
             row[name], row[name + "_std"] = _mean_std(g[k])
         out.append(row)
     return pd.DataFrame(out)
+
+
+def attack_table(df: pd.DataFrame) -> pd.DataFrame:
+    """Per (model, method, EMBER, attack): accuracy under attack, the control (the same attack on the
+    unedited model), the erased model's plain accuracy and the recovered fraction, means over rows."""
+    names = sorted({k.split("/", 1)[1].removesuffix("_recovered") for k in df.columns
+                    if k.startswith("attacks/") and k.endswith("_recovered")})
+    out = []
+    for (model, method, ember), g in df.groupby(["model", "method", "ember"], sort=True):
+        for name in names:
+            acc = pd.to_numeric(g.get(f"attacks/{name}_acc"), errors="coerce")
+            if acc is None or acc.dropna().empty:
+                continue
+            mean = {k: _mean_std(g[c])[0] if c in g else math.nan for k, c in (
+                ("accuracy", f"attacks/{name}_acc"), ("control", f"attacks/{name}_control_acc"),
+                ("erased", "evaluate/qa_acc"), ("recovered", f"attacks/{name}_recovered"))}
+            out.append({"model": model, "method": method, "ember": ember, "attack": name, "n": int(acc.notna().sum()),
+                        **mean})
+    return pd.DataFrame(out)
+
+
+def relearn_table(root: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """The relearning curves: concept accuracy (and retention) after every epoch, mean over jobs/concepts."""
+    rows = []
+    factors = df.drop_duplicates("job").set_index("job")[["model", "method", "ember"]]
+    for p in sorted(root.rglob("relearn_curve.csv")):
+        job = str(p.parent.parent.relative_to(root))
+        if job not in factors.index:
+            continue
+        c = pd.read_csv(p)
+        for _, r in c.iterrows():
+            rows.append({**factors.loc[job].to_dict(), "epoch": int(r["epoch"]), "qa_acc": r.get("qa_acc"),
+                         "retain_acc": r.get("retain_acc")})
+    if not rows:
+        return pd.DataFrame()
+    t = pd.DataFrame(rows).groupby(["model", "method", "ember", "epoch"], sort=True)
+    return t.agg(n=("qa_acc", "size"), qa_acc=("qa_acc", "mean"), retain_acc=("retain_acc", "mean")).reset_index()
+
+
+def plain_markdown(t: pd.DataFrame) -> str:
+    cols = list(t.columns)
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, r in t.iterrows():
+        lines.append("| " + " | ".join(f"{v:.3f}" if isinstance(v, float) else str(v) for v in r.tolist()) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _fmt(mean: float, std: float, bold: bool, latex: bool) -> str:
@@ -189,6 +237,12 @@ def build_report(root: Path, out: Path | None = None) -> dict[str, Any]:
     md = render(table)
     (out / "report.md").write_text(md)
     (out / "report.tex").write_text(render(table, latex=True))
+    extra = {"attacks": attack_table(df), "relearn": relearn_table(root, df)}
+    for name, t in extra.items():
+        if not t.empty:
+            t.to_csv(out / f"report_{name}.csv", index=False)
+            md += f"\n{'Attacks' if name == 'attacks' else 'Relearning curves'}\n\n" + plain_markdown(t)
+            (out / f"report_{name}.md").write_text(plain_markdown(t))
     pngs = plots(root, df, out)
     return {"rows": len(df), "table_rows": len(table), "markdown": md, "plots": [str(p) for p in pngs]}
 
