@@ -95,6 +95,11 @@ def bench_factorization(repeats: int) -> list[Row]:
                     note=f"best at iter {new.best_iter}, stopped at {new.n_iter}"))
     rows.append(Row("factorization", "final loss, project default / reference", new.best_loss / ref.best_loss, "x",
                     note=f"reference {ref.best_loss:.6g}, default {new.best_loss:.6g} (goal: within 1%)"))
+    # the precision choice (docs/design.md "Precision"): what float64 costs over float32, same rule
+    t32, r32 = median_time(lambda: sparse_factorize(A, 100, stopping="plateau", dtype=torch.float32), repeats)
+    rows.append(Row("factorization", "project default in float64 (vs float32, the baseline): time", t_new, "s",
+                    baseline=t32, note=f"float32 {r32.n_iter} iterations, loss {r32.best_loss:.6g}; "
+                    f"float64 {new.n_iter} iterations, loss {new.best_loss:.6g}"))
     for k in (50, 100, 200):
         t, r = median_time(lambda k=k: sparse_factorize(A, k, stopping="plateau"), repeats)
         rows.append(Row("factorization scaling", f"K={k}, |V'|={A.shape[1]}", t, "s",
