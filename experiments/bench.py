@@ -32,7 +32,8 @@ from ember.features import count_tokens, effective_embeddings, label_tokens  # n
 from ember.models import load_model  # noqa: E402
 from ember.paths import STARTER_DIR  # noqa: E402
 
-RELEASE = ROOT.parent / "shared" / "ember-release"
+#: the paper's concept data, read in place (never copied); EMBER_RELEASE_DIR points elsewhere
+RELEASE = Path(os.environ.get("EMBER_RELEASE_DIR", str(ROOT.parent / "shared" / "ember-release")))
 
 
 @dataclass
@@ -283,6 +284,18 @@ print(before, peak[0])
     return rows
 
 
+def stage_seconds(job_dir: Path) -> str:
+    """The seconds each pipeline stage took, read from the stage files of a finished job directory."""
+    import json
+
+    parts = []
+    for stage in ("baseline", "features", "erase", "evaluate", "attacks", "relearn"):
+        secs = [json.loads(f.read_text()).get("seconds", 0.0) for f in job_dir.glob(f"*/{stage}.json")]
+        if secs:
+            parts.append(f"{stage} {sum(secs):.0f} s")
+    return ", ".join(parts)
+
+
 def bench_main_job(repeats: int) -> list[Row]:
     """`make run` end to end: cold (empty caches except the converted model) and warm (everything cached)."""
     import shutil
@@ -309,8 +322,10 @@ def bench_main_job(repeats: int) -> list[Row]:
         rss = next((int(line.split()[-1]) / 1024 for line in out.stderr.splitlines() if "Maximum resident" in line), 0.0)
         times[label] = t
         first = next(iter(times.values()))
-        rows.append(Row("main job (`make run`)", label, t, "s", baseline=first if len(times) > 1 else None,
-                        note=f"peak RSS {rss:.0f} MiB"))
+        note = f"peak RSS {rss:.0f} MiB"
+        if len(times) == 1:
+            note += "; stages: " + stage_seconds(tmp / "job")
+        rows.append(Row("main job (`make run`)", label, t, "s", baseline=first if len(times) > 1 else None, note=note))
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
@@ -335,7 +350,14 @@ def machine() -> str:
            f"torch threads {torch.get_num_threads()}"
 
 
+NOTES_MARKER = "<!-- hand-written notes below: kept when make bench rewrites this file -->"
+
+
 def write_markdown(rows: list[Row], cmd: str, path: Path, seconds: float) -> str:
+    """Write the tables to `path`, keeping whatever follows NOTES_MARKER in the existing file."""
+    notes = ""
+    if path.exists() and NOTES_MARKER in path.read_text():
+        notes = NOTES_MARKER + path.read_text().split(NOTES_MARKER, 1)[1]
     lines = ["# Benchmarks", "", f"Produced by `{cmd}` in {seconds:.0f} s.", "", f"Machine: {machine()}.", "",
              "Times are medians of repeated runs; *ratio* is baseline / value for times (higher = faster) and "
              "value / baseline otherwise. Every baseline was measured in the same run.", ""]
@@ -348,7 +370,7 @@ def write_markdown(rows: list[Row], cmd: str, path: Path, seconds: float) -> str
         ratio = "" if r.ratio is None else f"{r.ratio:.2f}x"
         name, note = r.name.replace("|", "\\|"), r.note.replace("|", "\\|")
         lines.append(f"| {name} | {r.value:.4g} {r.unit} | {base} | {ratio} | {note} |")
-    text = "\n".join(lines) + "\n"
+    text = "\n".join(lines) + "\n" + ("\n" + notes if notes else "")
     path.write_text(text)
     return text
 
