@@ -144,7 +144,7 @@ class EvalConfig:
     letter_batch_size: int = 1  # letter MC: 1 = one question at a time, as the reference
     frac_on: str = "acc"  # acc | p_correct: the MC score the kept fractions use
     coherence_judge: str = "local"  # local (MiniLM relevance + base-model fluency) | llm (0-2 ratings)
-    perplexity_source: str = "auto"  # auto | general | neutral
+    perplexity_source: str = "auto"  # auto = heldout (heldout_text.json) | general | neutral
     perplexity_max_length: int = 256
     lm_eval_include_path: str | None = None  # a folder of extra lm-eval task YAMLs
     llm_api_key_env: str = "OPENAI_API_KEY"  # environment variable holding the endpoint's key, if any
@@ -246,6 +246,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _require(cfg.concepts.source in ("starter", "release"), "concepts.source", cfg.concepts.source,
              "use 'starter' (shipped) or 'release' (data.release_dir)")
     _require(cfg.eval.mc_mode in ("loglik", "letter"), "eval.mc_mode", cfg.eval.mc_mode, "use 'loglik' or 'letter'")
+    _require(cfg.eval.perplexity_source in ("auto", "heldout", "general", "neutral"), "eval.perplexity_source",
+             cfg.eval.perplexity_source, "use auto, heldout, general or neutral")
     _require(cfg.eval.batch_size >= 1, "eval.batch_size", cfg.eval.batch_size, "use a positive integer")
     _require("{q}" in cfg.eval.prompt_template, "eval.prompt_template", cfg.eval.prompt_template, "it must contain '{q}'")
     _require(cfg.relearn.name in ("none", "full", "lora"), "relearn.name", cfg.relearn.name, "use none, full or lora")

@@ -295,6 +295,12 @@ class ConceptStore:
         path = self._file("general_text.json")
         return _str_list(_read_json(path), path, "<root>") if path.exists() else []
 
+    @cached_property
+    def heldout_text(self) -> list[str]:
+        """General text that nothing is fitted on (the perplexity term of retention reads it)."""
+        path = self._file("heldout_text.json")
+        return _str_list(_read_json(path), path, "<root>") if path.exists() else []
+
 
 def open_store(cfg: Any) -> ConceptStore:
     """The store that ``concepts.source`` names (starter or release)."""

@@ -84,6 +84,7 @@ def test_wrong_type_fails_at_compose(override: str) -> None:
         ("ember.delta=-1", "ember.delta"),
         ("ember.delta_grid=[]", "ember.delta_grid"),
         ("eval.mc_mode=guess", "eval.mc_mode"),
+        ("eval.perplexity_source=web", "eval.perplexity_source"),
         ("relearn.lr=0", "relearn.lr"),
         ("concepts.source=internet", "concepts.source"),
         ("stages=[baseline,dance]", "stages"),

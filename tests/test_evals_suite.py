@@ -148,3 +148,26 @@ def test_model_identity_follows_the_weights(tiny) -> None:
     with torch.no_grad():
         other.get_input_embeddings().weight[7] += 0.5
     assert model_identity(other, tiny.facts) != a
+
+
+def _background_texts(store: ConceptStore, starter: ConceptStore) -> set[str]:
+    """Every text the factorization's background can take (neutral, other concepts, general)."""
+    concepts = {s for name in store.concept_names for s in store.concept(name).sentences}
+    return set(store.neutral) | concepts | set(starter.general_text) | set(starter.neutral)
+
+
+def test_perplexity_reads_held_out_text_no_background_contains(store: ConceptStore, release_dir: Path) -> None:
+    # Held out by construction: an EMBER edit changes only tokens absent from its background, so
+    # perplexity on background text could not move under EMBER alone (the retention term would be vacuous).
+    for s in (store, ConceptStore(release_dir)):
+        texts, source = suite.perplexity_texts(s, _cfg(perplexity_n=0))
+        assert source == "heldout_text" and len(texts) >= 60
+        assert not set(texts) & _background_texts(s, store)
+    texts, source = suite.perplexity_texts(store, _cfg(perplexity_source="general"))
+    assert source == "general_text" and set(texts) <= set(store.general_text)
+
+
+def test_perplexity_source_heldout_missing_names_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(suite, "_starter", lambda: None)  # no starter set to fall back on either
+    with pytest.raises(ValueError, match="heldout_text.json"):
+        suite.perplexity_texts(ConceptStore(tmp_path), _cfg(perplexity_source="heldout"))

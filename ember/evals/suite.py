@@ -116,17 +116,27 @@ def instructions(store: ConceptStore) -> list[str]:
 
 
 def perplexity_texts(store: ConceptStore, cfg: Any) -> tuple[list[str], str]:
-    """(texts, source): ``general_text`` when present (held out from the factorization unless the
-    ``general`` background is used), else the neutral sentences (which the factorization sees)."""
+    """(texts, source) for held-out perplexity.
+
+    ``auto`` and ``heldout`` read ``heldout_text.json`` (the store's, else the starter set's): text that
+    no factorization background contains. It must be held out: an EMBER edit changes only tokens absent
+    from the background, so perplexity on background text cannot move under EMBER alone. ``general``
+    and ``neutral`` are kept for comparison; the factorization's background may contain both."""
     source = getattr(cfg, "perplexity_source", "auto")
     n = cfg.perplexity_n
+    if source in ("auto", "heldout"):
+        texts = store.heldout_text or (s.heldout_text if (s := _starter()) is not None else [])
+        if texts:
+            return _cap(texts, n), "heldout_text"
+        if source == "heldout":
+            raise ValueError("eval.perplexity_source=heldout but neither the concept store nor the starter set has "
+                             "heldout_text.json; add one (a JSON list of sentences) or set eval.perplexity_source=auto")
+        _warn_once("heldout", "no heldout_text.json: perplexity falls back to text the factorization's background "
+                   "may include, so it barely moves under an EMBER edit")
     if source in ("auto", "general") and store.general_text:
         return _cap(store.general_text, n), "general_text"
     if source == "general":
         raise ValueError("eval.perplexity_source=general but the store has no general_text.json")
-    if source == "auto":
-        _warn_once("neutral", "perplexity on the neutral sentences: the factorization's background may include "
-                   "them, so an edit of concept-only tokens barely changes it (ship general_text.json to hold text out)")
     # the tail of the seeded permutation: the factorization uses the head when it uses fewer
     return list(store.neutral[-n:] if n else store.neutral), "neutral"
 
