@@ -175,7 +175,7 @@ class ConceptRun:
     def _delta(self, base_train: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
         from ember.delta import choose_delta
         from ember.edit import EmbeddingEditor
-        from ember.evals.suite import evaluate, relative
+        from ember.evals.suite import data_settings, evaluate, relative
 
         e = self.cfg.ember
         if e.delta is not None:
@@ -186,7 +186,8 @@ class ConceptRun:
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
                "fact": OmegaConf.to_container(e.factorization), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval),
-               "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid]}
+               "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid],
+               "eval_data": data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")}
         from ember.delta import passes_gates
         from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS, enabled_parts
 

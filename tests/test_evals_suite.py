@@ -171,3 +171,14 @@ def test_perplexity_source_heldout_missing_names_the_file(tmp_path: Path, monkey
     monkeypatch.setattr(suite, "_starter", lambda: None)  # no starter set to fall back on either
     with pytest.raises(ValueError, match="heldout_text.json"):
         suite.perplexity_texts(ConceptStore(tmp_path), _cfg(perplexity_source="heldout"))
+
+
+def test_data_settings_change_with_the_evaluation_data(tiny, store: ConceptStore) -> None:
+    # the delta choice is cached under these: a different text or question set must give a different key
+    concept = store.concept("Harry Potter")
+    held = suite.data_settings(tiny.tokenizer, concept, store, _cfg(), "train")
+    general = suite.data_settings(tiny.tokenizer, concept, store, _cfg(perplexity_source="general"), "train")
+    test = suite.data_settings(tiny.tokenizer, concept, store, _cfg(), "test")
+    assert held["ppl"] != general["ppl"] and held["qa"] == general["qa"]
+    assert test["qa"] != held["qa"] and test["ppl"] == held["ppl"]
+    assert "coherence" not in suite.data_settings(tiny.tokenizer, concept, store, _cfg(coherence=False), "train")

@@ -271,6 +271,13 @@ def enabled_parts(cfg: Any) -> list[str]:
     return [p for p in PART_ORDER if on[p]]
 
 
+def data_settings(tokenizer: Any, concept: ConceptData, store: ConceptStore, cfg: Any, split: str) -> dict[str, Any]:
+    """What every enabled part's scores depend on (settings and data digests): a cache key for
+    anything chosen from evaluations, so a changed question or text invalidates the choice."""
+    ctx = EvalContext(None, tokenizer, concept, store, cfg, split)  # type: ignore[arg-type]
+    return {name: PARTS[name].settings(ctx) for name in enabled_parts(cfg)}
+
+
 def provenance(cfg: Any) -> dict[str, Any]:
     """Which scorers and judges produced the numbers (written into every result)."""
     return {"mc_mode": cfg.mc_mode, "judge": cfg.open_judge,
