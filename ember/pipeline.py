@@ -380,7 +380,9 @@ class ConceptRun:
                                 template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
                                 max_questions=self.cfg.eval.max_questions)
             seed_everything(self.cfg.seed)
+            t_attack = time.perf_counter()
             attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
+            t_attack = time.perf_counter() - t_attack
             key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
                    "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
                    "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name)}
@@ -389,16 +391,19 @@ class ConceptRun:
                 seed_everything(self.cfg.seed)
                 return ATTACKS[name](self.lm.model, self.lm.tokenizer, self.concept, settings, ctx)
 
+            t_control = time.perf_counter()
             ctrl = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
+            t_control = time.perf_counter() - t_control  # about 0 when the control came from the cache
             rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
             out[name] = {"accuracy": attacked.accuracy, "control_accuracy": ctrl.accuracy, "erased_accuracy": erased_acc,
                          "base_accuracy": base_acc, "recovered_fraction": rec, "per_variant": attacked.per_variant,
-                         "control_per_variant": ctrl.per_variant, "extra": attacked.extra}
+                         "control_per_variant": ctrl.per_variant, "extra": attacked.extra,
+                         "seconds": round(t_attack, 3), "control_seconds": round(t_control, 3)}
             metrics.update({f"{name}_acc": attacked.accuracy, f"{name}_control_acc": ctrl.accuracy,
                             f"{name}_recovered": rec})
             rows += [{"attack": name, **r} for r in attacked.rows]
-            log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f)", self.concept.name,
-                     name, attacked.accuracy, ctrl.accuracy, rec)
+            log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f) in %.1fs + %.1fs control",
+                     self.concept.name, name, attacked.accuracy, ctrl.accuracy, rec, t_attack, t_control)
         if rows:
             self.files.write_table(self.slug, "attack_questions", rows)
         return self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)

@@ -264,6 +264,9 @@ def test_concurrent_jobs_share_the_cache_and_corrupt_entries_are_rebuilt(tmp_pat
     a, b = sweep / "0", sweep / "1"
     for j in (a, b):
         assert jobs.read_json(j / "results.json")["failures"] == {}
+    # each attack records its own time, and its control's (about 0 for the job that read it from the cache)
+    timed = [rec["attacks"] for j in (a, b) for k, rec in jobs.stage_records(j).items() if k.endswith("/attacks")]
+    assert len(timed) == 2 and all(v["seconds"] > 0 and v["control_seconds"] >= 0 for t in timed for v in t.values())
     diffs, worst = jobs.compare_jobs(a, b, TOL)
     assert diffs == [], diffs[:10]
     (a0, a1), (b0, b1) = _log_span(a), _log_span(b)
