@@ -254,7 +254,8 @@ class ConceptRun:
 
     def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The paper's grid protocol for the base method (``method.search=quick|full``)."""
-        from ember.evals.suite import RETENTION_KEYS, enabled_parts, evaluate, relative
+        from ember.evals.baseline import settings_hash
+        from ember.evals.suite import RETENTION_KEYS, data_settings, enabled_parts, evaluate, relative
         from ember.search import method_cells, search
 
         base = self._method_params()
@@ -274,8 +275,18 @@ class ConceptRun:
             s.pop("rows", None)
             return relative(s, base_train)
 
+        out_dir = self.files.concept_dir(self.slug)
+        if self.cfg.overwrite:  # recompute means every cell too, not only the stage file
+            for name in ("grid.jsonl", "grid_validate.jsonl"):
+                (out_dir / name).unlink(missing_ok=True)
+        context = settings_hash({
+            "model": self.lm.facts.source, "seed": self.cfg.seed, "delta": delta, "base": base,
+            "gate": self.cfg.method.retention_gate,
+            "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
+            "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
+            "eval_data": data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")})
         res = search(method_cells(self.cfg.method), score_cell, RETENTION_KEYS, self.cfg.method.retention_gate,
-                     self.cfg.method.top_k_validate, self.files.concept_dir(self.slug), self._progress())
+                     self.cfg.method.top_k_validate, out_dir, self._progress(), context=context)
         log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],
                  res["n_passing"], res["n_cells"])
         return {**base, **res["best_params"]}, res

@@ -9,7 +9,10 @@
 
 Each scored cell is appended to a JSONL file in the job directory as soon as it finishes, so an
 interrupted search resumes where it stopped (a torn last line is ignored, duplicates collapse).
-When no cell passes the gate, the best-harmonic cell is kept and flagged ``gate_pass: false``.
+Each record carries the caller's ``context`` (a digest of what a score depends on besides the cell:
+the evaluation data and settings, the EMBER edit, the base parameters); records made under another
+context are stale and scored again. When no cell passes the gate, the best-harmonic cell is kept and
+flagged ``gate_pass: false``.
 """
 
 from __future__ import annotations
@@ -40,17 +43,24 @@ def cell_id(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def read_jsonl(path: Path) -> dict[str, dict[str, Any]]:
-    """Complete records by cell id (a torn final line from a killed job is skipped)."""
+def read_jsonl(path: Path, context: str | None = None) -> dict[str, dict[str, Any]]:
+    """Complete records by cell id (a torn final line from a killed job is skipped); with ``context``,
+    only the records made under it."""
     out: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return out
+    stale = 0
     for line in path.read_text().splitlines():
         try:
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
+        if context is not None and rec.get("context", "") != context:
+            stale += 1
+            continue
         out[rec["cell"]] = rec
+    if stale:
+        log.info("%s: %d record(s) from another evaluation context are ignored and scored again", path.name, stale)
     return out
 
 
@@ -76,10 +86,11 @@ def search(
     top_k: int,
     out_dir: Path,
     progress: bool = False,
+    context: str = "",
 ) -> dict[str, Any]:
     """Run the protocol; ``score_cell(params, with_coherence)`` returns relative metrics."""
     grid_path, val_path = out_dir / "grid.jsonl", out_dir / "grid_validate.jsonl"
-    done = read_jsonl(grid_path)
+    done = read_jsonl(grid_path, context)
     # when every cell will be validated anyway (a quick grid), score coherence in the first pass and
     # skip the second training of each cell
     coherence_first = top_k >= len(cells)
@@ -90,7 +101,8 @@ def search(
         m = score_cell(params, coherence_first)
         gate = all(not isinstance(m.get(k), (int, float)) or not math.isfinite(m[k]) or m[k] >= retention_gate
                    for k in retention_keys)
-        rec = {"cell": cid, "params": params, "gate_pass": gate, "score": _finite(m.get("harmonic")) if gate else 0.0,
+        rec = {"cell": cid, "context": context, "params": params, "gate_pass": gate,
+               "score": _finite(m.get("harmonic")) if gate else 0.0,
                "with_coherence": coherence_first,
                **{k: v for k, v in m.items() if isinstance(v, (int, float, str, bool))}}
         append_jsonl(grid_path, rec)
@@ -101,7 +113,7 @@ def search(
     passing = [r for r in recs if r["gate_pass"]]
     pool = passing or sorted(recs, key=lambda r: -_finite(r.get("harmonic")))[:1]
     top = sorted(pool, key=lambda r: -r["score"] if passing else -_finite(r.get("harmonic")))[:max(1, top_k)]
-    vals = read_jsonl(val_path)
+    vals = read_jsonl(val_path, context)
     for r in top:
         if r["cell"] in vals:
             continue
@@ -109,7 +121,7 @@ def search(
             v = {k: x for k, x in r.items() if k not in ("score", "with_coherence")}
         else:
             m = score_cell(r["params"], True)
-            v = {"cell": r["cell"], "params": r["params"], "gate_pass": r["gate_pass"],
+            v = {"cell": r["cell"], "context": context, "params": r["params"], "gate_pass": r["gate_pass"],
                  **{k: x for k, x in m.items() if isinstance(x, (int, float, str, bool))}}
         append_jsonl(val_path, v)
         vals[r["cell"]] = v

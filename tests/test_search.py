@@ -69,3 +69,15 @@ def test_when_no_cell_passes_the_gate_the_best_harmonic_is_kept(tmp_path) -> Non
     table = {k: {**v, "specificity": 0.1} for k, v in TABLE.items()}
     res = search(CELLS, make_scorer(table, calls), RET, 0.7, 2, tmp_path)
     assert res["n_passing"] == 0 and res["best_params"] == {"lr": 1.0} and res["gate_pass"] is False
+
+
+def test_records_from_another_context_are_scored_again(tmp_path) -> None:
+    first: list = []
+    search(CELLS, make_scorer(TABLE, first), RET, 0.7, 2, tmp_path, context="eval-A")
+    same: list = []
+    search(CELLS, make_scorer(TABLE, same), RET, 0.7, 2, tmp_path, context="eval-A")
+    assert same == []  # everything was scored under this context already
+    changed: list = []
+    res = search(CELLS, make_scorer(TABLE, changed), RET, 0.7, 2, tmp_path, context="eval-B")
+    assert sorted(lr for lr, coh in changed if not coh) == [lr for lr in sorted(TABLE)]  # every cell again
+    assert res["best_params"] == {"lr": 3.0}
