@@ -321,6 +321,41 @@ print(before, peak[0])
     return rows
 
 
+def bench_attacks(repeats: int) -> list[Row]:
+    """The main job's prompting attacks with the shared prefix encoded once vs re-encoded per question."""
+    from omegaconf import OmegaConf
+
+    from ember.attacks import ATTACKS, AttackContext
+    from ember.evals import mc
+    from tests.conftest import compose
+
+    cfg = compose([])
+    lm = smollm2()
+    hp = ConceptStore(STARTER_DIR).concept("Harry Potter")
+    ctx = AttackContext(template=cfg.eval.prompt_template, batch_size=cfg.eval.batch_size)
+    sec = "prompting attacks (SmolLM2, starter Harry Potter, 40 QA_test questions, `attacks=prompting`)"
+    rows = []
+    for name in ("jailbreak", "incontext"):
+        settings = OmegaConf.to_container(cfg.attacks[name], resolve=True)
+
+        def run(name: str = name, settings: dict = settings):
+            return ATTACKS[name](lm.model, lm.tokenizer, hp, settings, ctx)
+
+        default_min = mc.MIN_SHARED_PREFIX
+        mc.MIN_SHARED_PREFIX = 10**9  # the baseline: every question re-encodes the shared prefix
+        try:
+            t_off, r_off = median_time(run, repeats)
+        finally:
+            mc.MIN_SHARED_PREFIX = default_min
+        t_on, r_on = median_time(run, repeats)
+        rows.append(Row(sec, f"{name}: prefix re-encoded for every question", t_off, "s",
+                        note=f"accuracy {r_off.accuracy:.3f}"))
+        rows.append(Row(sec, f"{name}: shared prefix encoded once (default)", t_on, "s", baseline=t_off,
+                        note=f"accuracy {r_on.accuracy:.3f}; per-variant accuracies "
+                        + ("identical" if r_on.per_variant == r_off.per_variant else f"{r_on.per_variant} vs {r_off.per_variant}")))
+    return rows
+
+
 def stage_seconds(job_dir: Path) -> str:
     """The seconds each pipeline stage took, read from the stage files of a finished job directory."""
     import json
@@ -371,6 +406,7 @@ BENCHES: dict[str, Callable[[int], list[Row]]] = {
     "factorization": bench_factorization,
     "mc": bench_mc,
     "delta": bench_delta,
+    "attacks": bench_attacks,
     "training": bench_training,
     "gemma_memory": bench_gemma_memory,
     "main_job": bench_main_job,

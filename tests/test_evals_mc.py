@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from ember.data import ConceptStore, MCQuestion
+from ember.evals import mc
 from ember.evals.lm_eval_tasks import lm_eval_mc, write_mc_task
 from ember.evals.loglik import score_continuations
 from ember.evals.mc import generate_greedy, option_logliks, parse_letter, score_letter, score_loglik
@@ -34,6 +35,24 @@ def test_shared_prefix_equals_full_sequences(fixture: str, request: pytest.Fixtu
     plain = [s.loglik for s in score_continuations(lm.model, lm.tokenizer, pairs, batch_size=5)]
     assert [len(r) for r in shared] == [4, 4, 4]
     torch.testing.assert_close(torch.tensor(shared).flatten(), torch.tensor(plain), atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("fixture", ["tiny", "tiny_gemma"])
+def test_a_long_common_prefix_is_encoded_once_and_changes_nothing(fixture: str, request: pytest.FixtureRequest,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    # an attack template or in-context paragraphs before every question: its keys and values are reused
+    lm = request.getfixturevalue(fixture)
+    ctx = ["You are a world-leading expert. Answer every quiz question correctly and briefly.\n\n" + c for c in CTX]
+    encoded: list[int] = []
+    real = mc.encode_prefix
+    monkeypatch.setattr(mc, "encode_prefix", lambda model, ids: encoded.append(len(ids)) or real(model, ids))
+    shared = option_logliks(lm.model, lm.tokenizer, ctx, OPTS, batch_size=1, share_prefix=True)
+    assert len(encoded) == 1 and encoded[0] >= mc.MIN_SHARED_PREFIX  # once, for three packed rows
+    pairs = [(c, " " + o) for c, opts in zip(ctx, OPTS, strict=True) for o in opts]
+    plain = [s.loglik for s in score_continuations(lm.model, lm.tokenizer, pairs, batch_size=5)]
+    torch.testing.assert_close(torch.tensor(shared).flatten(), torch.tensor(plain), atol=1e-4, rtol=0)
+    assert mc.common_prefix_length([[1, 2, 3], [1, 2, 4], [1, 2]]) == 1  # at least one token of each is kept
+    assert mc.common_prefix_length([[5, 6], [7, 6]]) == 0
 
 
 def test_score_loglik_fields_and_length_normalisation(tiny) -> None:

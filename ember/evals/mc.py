@@ -11,7 +11,10 @@ packed into one sequence as ``prompt, option 1, ..., option 4`` with position id
 after the prompt for each option and a block attention mask that keeps the options apart; many
 questions share one packed row, so there is no padding and the prompt is computed once. Only
 the positions that predict option tokens are projected to the vocabulary, in chunks (Gemma-3 has
-262,144 tokens). The result equals scoring each ``prompt + option`` alone (checked in tests).
+262,144 tokens). When every question's context starts with the same tokens (an attack template,
+in-context paragraphs), that common prefix is encoded once and each packed row continues from a
+copy of its keys and values. The result equals scoring each ``prompt + option`` alone (checked in
+tests).
 
 ``letter`` is the paper's format (reference-spec 5.3): options labelled A-D in the chat template,
 greedy generation of a few tokens, the first standalone letter A-D parsed, no letter = invalid.
@@ -19,6 +22,7 @@ greedy generation of a few tokens, the first standalone letter A-D parsed, no le
 
 from __future__ import annotations
 
+import copy
 import math
 import re
 from collections.abc import Sequence
@@ -116,14 +120,41 @@ def _block_mask(question: torch.Tensor, branch: torch.Tensor, dtype: torch.dtype
     return torch.zeros((t, t), dtype=dtype).masked_fill(~allow, torch.finfo(dtype).min)[None, None]
 
 
+#: a token prefix that every question's context shares is encoded once (its keys and values reused
+#: by every packed row) when it is at least this long: attack templates and in-context paragraphs
+MIN_SHARED_PREFIX = 8
+
+
+def common_prefix_length(seqs: Sequence[Sequence[int]]) -> int:
+    """Length of the token prefix all ``seqs`` share, leaving at least one token of each."""
+    if not seqs:
+        return 0
+    limit = min(len(x) for x in seqs) - 1
+    n = 0
+    while n < limit and all(x[n] == seqs[0][n] for x in seqs):
+        n += 1
+    return n
+
+
 @torch.no_grad()
-def _packed_row(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]) -> list[list[float]]:
+def encode_prefix(model: nn.Module, ids: Sequence[int]) -> Any:
+    """The key/value cache of ``ids`` (one sequence), for :func:`_packed_row` to continue from."""
+    device = next(model.parameters()).device
+    return _base_model(model)(input_ids=torch.tensor([list(ids)], device=device), use_cache=True).past_key_values
+
+
+@torch.no_grad()
+def _packed_row(model: nn.Module, items: list[tuple[list[int], list[list[int]]]],
+                prefix: tuple[Any, int] | None = None) -> list[list[float]]:
     """Summed log-likelihood of each continuation of each context, all packed in one sequence.
 
     The row holds, per question, its context once and then every option; position ids restart
     after the context for each option and a block mask keeps options from seeing each other, so
-    each option is scored exactly as ``context + option`` alone, with no padding."""
+    each option is scored exactly as ``context + option`` alone, with no padding. With ``prefix``
+    = (cache, length), every context continues a shared prefix whose keys and values are in the
+    cache (a copy is used: the row must not grow the shared cache)."""
     device = next(model.parameters()).device
+    cache, offset = (copy.deepcopy(prefix[0]), prefix[1]) if prefix else (None, 0)
     ids: list[int] = []
     pos: list[int] = []
     question: list[int] = []
@@ -135,13 +166,13 @@ def _packed_row(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]
     for qi, (ctx, conts) in enumerate(items):
         ctx_last = len(ids) + len(ctx) - 1
         ids += ctx
-        pos += list(range(len(ctx)))
+        pos += list(range(offset, offset + len(ctx)))
         question += [qi] * len(ctx)
         branch += [-1] * len(ctx)
         for k, cont in enumerate(conts):
             start = len(ids)
             ids += cont
-            pos += list(range(len(ctx), len(ctx) + len(cont)))
+            pos += list(range(offset + len(ctx), offset + len(ctx) + len(cont)))
             question += [qi] * len(cont)
             branch += [k] * len(cont)
             predictor += [ctx_last] + list(range(start, start + len(cont) - 1))
@@ -150,9 +181,12 @@ def _packed_row(model: nn.Module, items: list[tuple[list[int], list[list[int]]]]
             n_opt += 1
     dtype = next(model.parameters()).dtype
     mask = _block_mask(torch.tensor(question), torch.tensor(branch), dtype)
+    if offset:  # every token sees the whole shared prefix
+        mask = torch.cat([torch.zeros((*mask.shape[:3], offset), dtype=dtype), mask], dim=-1)
     hidden = _base_model(model)(
         input_ids=torch.tensor([ids], device=device), attention_mask=mask.to(device),
         position_ids=torch.tensor([pos], device=device),
+        **({"past_key_values": cache, "use_cache": True} if cache is not None else {}),
     ).last_hidden_state[0]
     lp, _ = token_logprobs(model, hidden[torch.tensor(predictor, device=device)], torch.tensor(targets, device=device))
     sums = torch.zeros(n_opt, device=device).index_add_(0, torch.tensor(owner, device=device), lp).tolist()
@@ -211,13 +245,16 @@ def option_logliks(
             result[i] = [s.loglik for s in scored[k : k + len(options[i])]]
             k += len(options[i])
     shared = [i for i, s in enumerate(shareable) if s]
-    seg = [len(enc[i][0][0]) + sum(len(e[1]) for e in enc[i]) for i in shared]
+    cut = common_prefix_length([enc[i][0][0] for i in shared]) if len(shared) > 1 else 0
+    prefix = (encode_prefix(model, enc[shared[0]][0][0][:cut]), cut) if cut >= MIN_SHARED_PREFIX else None
+    cut = cut if prefix else 0
+    seg = [len(enc[i][0][0]) - cut + sum(len(e[1]) for e in enc[i]) for i in shared]
     rows = _pack(seg, max(batch_size * TOKENS_PER_QUESTION, max(seg, default=0)))
     from tqdm.auto import tqdm
 
     for row in tqdm(rows, desc="mc", disable=not progress, leave=False):
         qs = [shared[j] for j in row]
-        lls = _packed_row(model, [(enc[i][0][0], [e[1] for e in enc[i]]) for i in qs])
+        lls = _packed_row(model, [(enc[i][0][0][cut:], [e[1] for e in enc[i]]) for i in qs], prefix)
         for i, ll in zip(qs, lls, strict=True):
             result[i] = ll
     return [r for r in result if r is not None]
