@@ -172,10 +172,16 @@ class ConceptRun:
             self.background(), self.cfg.ember.factorization, self.cache)
         self._feats, self._plan = feats, EditPlan.from_features(feats, rec["selected_features"])
 
+    def _train_eval_data(self) -> dict[str, Any]:
+        """Digests of the train-split evaluation data: part of every key for a choice made by evaluating."""
+        from ember.evals.suite import data_settings
+
+        return data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")
+
     def _delta(self, base_train: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
         from ember.delta import choose_delta
         from ember.edit import EmbeddingEditor
-        from ember.evals.suite import data_settings, evaluate, relative
+        from ember.evals.suite import evaluate, relative
 
         e = self.cfg.ember
         if e.delta is not None:
@@ -187,7 +193,7 @@ class ConceptRun:
                "fact": OmegaConf.to_container(e.factorization), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval),
                "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid],
-               "eval_data": data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")}
+               "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
         from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS, enabled_parts
 
@@ -255,7 +261,7 @@ class ConceptRun:
     def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The paper's grid protocol for the base method (``method.search=quick|full``)."""
         from ember.evals.baseline import settings_hash
-        from ember.evals.suite import RETENTION_KEYS, data_settings, enabled_parts, evaluate, relative
+        from ember.evals.suite import RETENTION_KEYS, enabled_parts, evaluate, relative
         from ember.search import method_cells, search
 
         base = self._method_params()
@@ -284,7 +290,7 @@ class ConceptRun:
             "gate": self.cfg.method.retention_gate,
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-            "eval_data": data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")})
+            "eval_data": self._train_eval_data()})
         res = search(method_cells(self.cfg.method), score_cell, RETENTION_KEYS, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context)
         log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],

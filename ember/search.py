@@ -43,9 +43,8 @@ def cell_id(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
-def read_jsonl(path: Path, context: str | None = None) -> dict[str, dict[str, Any]]:
-    """Complete records by cell id (a torn final line from a killed job is skipped); with ``context``,
-    only the records made under it."""
+def read_jsonl(path: Path, context: str) -> dict[str, dict[str, Any]]:
+    """Complete records made under ``context``, by cell id (a torn final line from a killed job is skipped)."""
     out: dict[str, dict[str, Any]] = {}
     if not path.exists():
         return out
@@ -55,7 +54,7 @@ def read_jsonl(path: Path, context: str | None = None) -> dict[str, dict[str, An
             rec = json.loads(line)
         except json.JSONDecodeError:
             continue
-        if context is not None and rec.get("context", "") != context:
+        if rec.get("context", "") != context:
             stale += 1
             continue
         out[rec["cell"]] = rec

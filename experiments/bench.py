@@ -360,8 +360,10 @@ def stage_seconds(job_dir: Path) -> str:
     """The seconds each pipeline stage took, read from the stage files of a finished job directory."""
     import json
 
+    from ember.stages import STAGES
+
     parts = []
-    for stage in ("baseline", "features", "erase", "evaluate", "attacks", "relearn"):
+    for stage in STAGES:
         secs = [json.loads(f.read_text()).get("seconds", 0.0) for f in job_dir.glob(f"*/{stage}.json")]
         if secs:
             parts.append(f"{stage} {sum(secs):.0f} s")
