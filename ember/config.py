@@ -32,19 +32,20 @@ class TinyModelConfig:
 @dataclass
 class ModelConfig:
     name: str = MISSING
-    source: str = "packaged"  # packaged | hub | tiny_random
+    source: str = "packaged"  # packaged | hub | tiny_random | paper_shape
     hub_id: str | None = None
     package: str | None = None
     gguf_file: str | None = None
     assemble: str | None = None  # "module:function" returning the GGUF path
     arch: str | None = None  # tiny_random only: llama | gemma3
-    tokenizer_from: str | None = None  # tiny_random only: a model preset whose tokenizer to use
-    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)
+    tokenizer_from: str | None = None  # tiny_random, paper_shape: a preset whose tokenizer to use, or a saved-tokenizer dir
+    shape: str | None = None  # paper_shape only: gemma2_2b | llama31_8b (ember/model_shapes.py)
+    tiny: TinyModelConfig = field(default_factory=TinyModelConfig)  # tiny_random; tiny.seed seeds paper_shape too
     dtype: str = "float32"
     device: str = "auto"
     use_chat_template: bool = True
     untie_embeddings: bool = True
-    size_class: str = "small"  # small (packaged, CPU) | large (paper models): picks size-dependent defaults
+    size_class: str = "small"  # small (runs on a CPU) | large (paper-size: preflight warns when it would run on a CPU)
 
 
 @dataclass
@@ -243,6 +244,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     for b in e.background:
         _require(b in ("neutral", "other_concepts", "general"), "ember.background", list(e.background),
                  "each entry must be one of neutral, other_concepts, general")
+    _require(cfg.model.size_class in ("small", "large"), "model.size_class", cfg.model.size_class,
+             "use small (runs on a CPU) or large (paper-size, wants a GPU)")
     _require(cfg.concepts.source in ("starter", "release"), "concepts.source", cfg.concepts.source,
              "use 'starter' (shipped) or 'release' (data.release_dir)")
     _require(cfg.eval.mc_mode in ("loglik", "letter"), "eval.mc_mode", cfg.eval.mc_mode, "use 'loglik' or 'letter'")

@@ -68,34 +68,39 @@ class EmbeddingEditor:
         return self.model.get_input_embeddings().weight
 
     def _ensure_snapshot(self, ids: torch.Tensor) -> None:
-        W = self.weight
-        for t in ids.tolist():
-            if t not in self._snapshot:
-                self._snapshot[t] = W[t].detach().clone()
+        new = [t for t in ids.tolist() if t not in self._snapshot]
+        if new:
+            rows = self.weight[torch.tensor(new, device=self.weight.device)].detach().clone()
+            self._snapshot.update(zip(new, rows, strict=True))
 
     @torch.no_grad()
     def apply(self, plan: EditPlan, delta: float, tokenizer: Any | None = None) -> EditReport:
-        """Set the plan's rows to (pristine row - delta * c / scale). Idempotent for a given delta."""
+        """Set the plan's rows to (pristine row - delta * c / scale). Idempotent for a given delta.
+
+        One gather and one scatter for all rows (no per-token device round trips); the arithmetic is
+        the per-row rule, in the weight's dtype, so results are the same bit for bit."""
         if delta < 0:
             raise ValueError(f"ember.delta must be non-negative, got {delta}")
         W = self.weight
         self._ensure_snapshot(plan.token_ids)
-        tokens = []
-        for j, t in enumerate(plan.token_ids.tolist()):
-            orig = self._snapshot[t]
-            change = (delta * plan.direction[j] / self.scale).to(W.dtype).to(W.device)
-            W[t] = orig if delta == 0 else orig - change
-            eff = self.scale * orig.float().norm().item()
-            rel = (delta * plan.direction[j].norm().item()) / eff if eff > 0 else 0.0
-            tokens.append({"id": t, "text": tokenizer.decode([t]) if tokenizer is not None else "",
-                           "edit_norm": float(delta * plan.direction[j].norm()), "relative_edit": rel})
+        if len(plan) == 0:
+            return EditReport(delta=float(delta), n_features=len(plan.features), n_tokens=0, tokens=[])
+        ids = plan.token_ids.tolist()
+        orig = torch.stack([self._snapshot[t] for t in ids])
+        change = (delta * plan.direction / self.scale).to(W.dtype).to(W.device)
+        W[torch.tensor(ids, device=W.device)] = orig if delta == 0 else orig - change
+        edit_norm = (delta * plan.direction.norm(dim=1)).tolist()
+        eff = (self.scale * orig.float().norm(dim=1)).tolist()
+        tokens = [{"id": t, "text": tokenizer.decode([t]) if tokenizer is not None else "",
+                   "edit_norm": float(n), "relative_edit": n / e if e > 0 else 0.0}
+                  for t, n, e in zip(ids, edit_norm, eff, strict=True)]
         return EditReport(delta=float(delta), n_features=len(plan.features), n_tokens=len(plan), tokens=tokens)
 
     @torch.no_grad()
     def restore(self) -> None:
-        W = self.weight
-        for t, row in self._snapshot.items():
-            W[t] = row
+        if self._snapshot:
+            W = self.weight
+            W[torch.tensor(list(self._snapshot), device=W.device)] = torch.stack(list(self._snapshot.values()))
 
     @property
     def touched(self) -> list[int]:

@@ -26,7 +26,7 @@ ROWS_FRACTION = 0.5  # store row indices + rows when fewer than this fraction of
 
 
 def weight_diff(base: nn.Module, edited: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors that turn ``base`` into ``edited``: ``<name>::rows``/``::values`` or ``<name>::full``."""
+    """Tensors that turn ``base`` into ``edited``: ``<name>::rows``/``::values`` or ``<name>::full``, on the CPU."""
     base_sd = base.state_dict()
     out: dict[str, torch.Tensor] = {}
     for name, new in edited.state_dict().items():
@@ -38,10 +38,10 @@ def weight_diff(base: nn.Module, edited: nn.Module) -> dict[str, torch.Tensor]:
         if new.dim() >= 2:
             changed = (old != new).flatten(1).any(1).nonzero().squeeze(1)
             if changed.numel() < ROWS_FRACTION * new.shape[0]:
-                out[f"{name}::rows"] = changed.to(torch.int64).contiguous()
-                out[f"{name}::values"] = new[changed].detach().clone().contiguous()
+                out[f"{name}::rows"] = changed.to("cpu", torch.int64).contiguous()
+                out[f"{name}::values"] = new[changed].detach().to("cpu", copy=True).contiguous()
                 continue
-        out[f"{name}::full"] = new.detach().clone().contiguous()
+        out[f"{name}::full"] = new.detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -56,9 +56,10 @@ def apply_diff(model: nn.Module, diff: dict[str, torch.Tensor]) -> None:
         for name in names:
             target = sd[name]
             if f"{name}::full" in diff:
-                target.copy_(diff[f"{name}::full"])
-            else:
-                target[diff[f"{name}::rows"]] = diff[f"{name}::values"].to(target.dtype)
+                target.copy_(diff[f"{name}::full"])  # copy_ moves across devices
+            else:  # the saved tensors are on the CPU; the model may be on a GPU
+                rows = diff[f"{name}::rows"].to(target.device)
+                target[rows] = diff[f"{name}::values"].to(target.device, target.dtype)
 
 
 def save_diff(path: Path, base: nn.Module, edited: nn.Module) -> dict[str, object]:

@@ -1,4 +1,4 @@
-"""Model zoo: load a causal LM by hub id, from a packaged GGUF, or build a tiny random one.
+"""Model zoo: load a causal LM by hub id, from a packaged GGUF, or build a random one (tiny, or paper-shaped).
 
 Every loader returns a :class:`LoadedModel` (model, tokenizer, facts). The facts the rest of the
 framework needs (embedding scale, tied embeddings, chat template) are read off the model itself,
@@ -47,7 +47,7 @@ class ModelFacts:
     has_chat_template: bool
     dtype: str
     device: str
-    source: str  # "packaged:<pkg>==<version>", "hub:<id>", "tiny_random:<arch>"
+    source: str  # "packaged:<pkg>==<version>", "hub:<id>", "tiny_random:<arch>", "paper_shape:<shape>"
     load_seconds: float = 0.0
     from_cache: bool = False
 
@@ -283,13 +283,31 @@ def load_hub(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, bool]:
     return model, tok, f"hub:{cfg.hub_id}", False
 
 
+def _stand_in_tokenizer(cfg: Any, cache_root: Path) -> Any:
+    """The tokenizer random-weight models borrow: ``model.tokenizer_from`` names a preset (smollm2_135m)
+    or a directory holding a saved tokenizer (what ``tokenizer.save_pretrained`` writes)."""
+    from transformers import AutoTokenizer
+
+    from ember.config import model_preset
+
+    if not cfg.tokenizer_from:
+        raise ConfigError(f"model '{cfg.name}' (source {cfg.source}) needs model.tokenizer_from: a preset such as "
+                          "smollm2_135m or gemma3_270m, or a directory with a saved tokenizer")
+    path = Path(str(cfg.tokenizer_from)).expanduser()
+    if path.is_dir():
+        return AutoTokenizer.from_pretrained(path)
+    return load_model(model_preset(cfg.tokenizer_from), cache_root, tokenizer_only=True).tokenizer
+
+
+def _special_ids(tok: Any) -> dict[str, int | None]:
+    return {"pad_token_id": tok.pad_token_id, "bos_token_id": tok.bos_token_id, "eos_token_id": tok.eos_token_id}
+
+
 def load_tiny_random(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, bool]:
     """A tiny randomly initialised model (Llama or Gemma-3 architecture) with a real tokenizer."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from ember.config import model_preset
-
-    tok = load_model(model_preset(cfg.tokenizer_from), cache_root, tokenizer_only=True).tokenizer
+    tok = _stand_in_tokenizer(cfg, cache_root)
     t = cfg.tiny
     common = dict(
         vocab_size=len(tok),
@@ -299,9 +317,7 @@ def load_tiny_random(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, b
         num_attention_heads=t.n_heads,
         num_key_value_heads=t.n_heads,
         max_position_embeddings=512,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=tok.bos_token_id,
-        eos_token_id=tok.eos_token_id,
+        **_special_ids(tok),
     )
     if cfg.arch == "llama":
         mcfg = AutoConfig.for_model("llama", tie_word_embeddings=False, **common)
@@ -317,10 +333,27 @@ def load_tiny_random(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, b
     return model, tok, f"tiny_random:{cfg.arch}", False
 
 
+def load_paper_shape(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, bool]:
+    """A randomly initialised model with a paper model's exact architecture (ember/model_shapes.py).
+
+    Built directly on the target device when it is a GPU, so host memory never holds the weights."""
+    from transformers import AutoModelForCausalLM
+
+    from ember.model_shapes import shape_config
+
+    tok = _stand_in_tokenizer(cfg, cache_root)
+    mcfg = shape_config(cfg.shape, len(tok), _special_ids(tok))
+    torch.manual_seed(cfg.tiny.seed)
+    with torch.device(_resolve_device(cfg.device)):
+        model = AutoModelForCausalLM.from_config(mcfg, dtype=_DTYPES[cfg.dtype])
+    return model, tok, f"paper_shape:{cfg.shape}", False
+
+
 MODEL_SOURCES: dict[str, Callable[[Any, Path], tuple[nn.Module, Any, str, bool]]] = {
     "packaged": load_packaged,
     "hub": load_hub,
     "tiny_random": load_tiny_random,
+    "paper_shape": load_paper_shape,
 }
 
 

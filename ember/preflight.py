@@ -9,6 +9,7 @@ cell) against the model's width and depth read from its config alone (no weights
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,8 @@ from omegaconf import DictConfig, OmegaConf
 from ember.config import validate, validate_against_model
 from ember.data import ConceptData, ConceptStore, open_store, starter_store
 from ember.errors import ConfigError, EmberError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -32,6 +35,10 @@ def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
     m = cfg.model
     if m.source == "tiny_random":
         return int(m.tiny.d_model), int(m.tiny.n_layers)
+    if m.source == "paper_shape":
+        from ember.model_shapes import shape_dims
+
+        return shape_dims(m.shape)
     c: Any = None
     if m.source == "packaged":
         from ember.models import _float_cache_dir
@@ -51,6 +58,19 @@ def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
     if not c:
         return None, None
     return int(c.get("hidden_size", 0)) or None, int(c.get("num_hidden_layers", 0)) or None
+
+
+def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
+    """Say so, before hours go by, when a paper-size model (``size_class: large``) will run on a CPU."""
+    import torch
+
+    m = cfg.model
+    on_cpu = m.device == "cpu" or (m.device == "auto" and not torch.cuda.is_available())
+    if m.size_class == "large" and on_cpu:
+        log.warning("model '%s' is paper-size (size_class=large) and will run on the CPU: expect hours per concept; "
+                    "run it on a GPU node (hydra/launcher=submitit_slurm) or pick model=smollm2_135m", m.name)
+        return True
+    return False
 
 
 def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
@@ -90,4 +110,5 @@ def preflight(cfg: DictConfig) -> Checked:
         validate_against_model(cfg, d)
     if n_layers is not None:
         check_method_layers(cfg, n_layers)
+    warn_large_model_on_cpu(cfg)
     return Checked(store=store, starter=starter, concepts=concepts)

@@ -404,6 +404,123 @@ def bench_main_job(repeats: int) -> list[Row]:
     return rows
 
 
+#: set by --stand-in-tokenizers: where the paper-shaped models' tokenizers were saved
+STAND_IN_TOKENIZERS: list[Path | None] = [None]
+
+
+def _current_rss_mib() -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith("VmRSS"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+def bench_paper_scale(repeats: int) -> list[Row]:
+    """Paper-size costs on random-weight models of the paper's exact shapes (ember/model_shapes.py).
+
+    Factorization (K = 100 and 200, and the reference rule at K = 100 as the baseline) and the edit at
+    d_model 2304 and 4096 on |V'| of the release Harry Potter concept, and the evaluation throughput
+    of the 2B shape. On a GPU every figure runs there; on a CPU the same code runs, with fewer
+    questions. Random embeddings have no concept structure, so iteration counts are not those of
+    real weights; the cost per iteration is."""
+    rows: list[Row] = []
+    for preset, evaluate in (("gemma2_2b_shape", True), ("llama31_8b_shape", False)):
+        rows += _paper_shape_rows(preset, evaluate, repeats)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
+    from omegaconf import OmegaConf
+
+    from ember.edit import EditPlan, EmbeddingEditor
+    from ember.evals.mc import score_letter, score_loglik
+    from ember.features import SelectionContext, compute_embedding_features, select_features
+    from tests.conftest import compose
+
+    cuda = torch.cuda.is_available()
+    where = torch.cuda.get_device_name() if cuda else f"CPU, {torch.get_num_threads()} threads"
+    memory_kind = "GPU memory (peak allocated)" if cuda else "process RSS"
+
+    def memory_mib() -> float:
+        return torch.cuda.max_memory_allocated() / 2**20 if cuda else _current_rss_mib()
+
+    store = ConceptStore(RELEASE)
+    hp = store.concept("Harry Potter")
+    cfg = compose([])
+    mcfg = model_preset(preset)
+    if STAND_IN_TOKENIZERS[0] is not None:  # a bare machine without the packaged models
+        mcfg.tokenizer_from = str(STAND_IN_TOKENIZERS[0] / mcfg.tokenizer_from)
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    t0 = time.perf_counter()
+    lm = load_model(mcfg)
+    t_load = time.perf_counter() - t0
+    sec = f"paper scale: {preset} ({where})"
+    n_params = sum(p.numel() for p in lm.model.parameters())
+    rows = [Row(sec, "build the random-weight model", t_load, "s",
+                note=f"{n_params / 1e9:.2f}B parameters (input embeddings untied), {lm.facts.dtype}, "
+                     f"d={lm.facts.d_model}, vocab {lm.facts.vocab_size}; {memory_kind} {memory_mib():.0f} MiB")]
+
+    def factorize(rank: int, stopping: str = "plateau") -> tuple[float, object]:
+        fcfg = OmegaConf.merge(cfg.ember.factorization, {"rank": rank, "stopping": stopping})
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        feats = compute_embedding_features(lm.model, lm.tokenizer, lm.facts, hp.name, hp.sentences,
+                                           store.neutral, fcfg, cache=None)
+        return time.perf_counter() - t, feats
+
+    t_ref, ref = factorize(100, "reference")
+    rows.append(Row(sec, "factorization K=100, reference rule (tol 1e-4, patience 500)", t_ref, "s",
+                    note=f"|V'|={len(ref.vprime)}, d={lm.facts.d_model}; {ref.fit['n_iter']} iterations, "
+                         f"best loss {ref.fit['best_loss']:.6g}; every time here includes counting V' tokens"))
+    feats = ref
+    for rank in (100, 200):
+        t, feats = factorize(rank)
+        fit = feats.fit
+        rows.append(Row(sec, f"factorization K={rank}, project default (plateau)", t, "s",
+                        baseline=t_ref if rank == 100 else None,
+                        note=f"{fit['n_iter']} iterations, {1000 * fit['seconds'] / fit['n_iter']:.1f} ms/iteration"
+                             + (f"; loss / reference {fit['best_loss'] / ref.fit['best_loss']:.6f}" if rank == 100 else "")))
+    report = select_features(feats, cfg.ember.selector, SelectionContext(lm.tokenizer, hp.name, hp.key_terms))
+    chosen = [int(k) for k in report.loc[report["selected"], "feature"]]
+    how = f"{cfg.ember.selector.name} selector"
+    if not chosen:  # random embeddings may give the anchor rule nothing: time the edit on the top features
+        chosen, how = [int(k) for k in report.nlargest(10, "ratio_abs")["feature"]], "top 10 by concept ratio"
+    plan = EditPlan.from_features(feats, chosen)
+    editor = EmbeddingEditor(lm.model, lm.facts.embed_scale)
+
+    def edit() -> None:
+        editor.restore()
+        editor.apply(plan, 10.0)
+        if cuda:
+            torch.cuda.synchronize()
+
+    t_edit, _ = median_time(edit, max(repeats, 5))
+    rows.append(Row(sec, "restore + edit (delta 10)", 1000 * t_edit, "ms",
+                    note=f"{len(plan)} tokens from {len(chosen)} features ({how}, K=200)"))
+    plan = EditPlan.from_features(feats, list(range(feats.rank)))  # the upper bound: every concept-only token
+    t_all, _ = median_time(edit, max(repeats, 5))
+    editor.restore()
+    rows.append(Row(sec, "restore + edit (delta 10), every feature selected", 1000 * t_all, "ms",
+                    note=f"{len(plan)} tokens: every concept-only token of V' with a non-zero code"))
+    if evaluate:
+        qs = hp.mc["QA_test"][:50 if cuda else 8]
+        use_chat = lm.facts.has_chat_template
+        t_letter, _ = median_time(lambda: score_letter(lm.model, lm.tokenizer, qs, use_chat=use_chat), 1)
+        t_fast, _ = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), repeats)
+        rows += [
+            Row(sec, f"MC, letter generation one at a time ({len(qs)} questions)", len(qs) / t_letter, "q/s",
+                note=f"{t_letter:.1f} s; the accuracy of random weights means nothing"),
+            Row(sec, f"MC, log-likelihood shared prompt ({len(qs)} questions)", len(qs) / t_fast, "q/s",
+                baseline=len(qs) / t_letter, note=f"{t_fast:.1f} s; {memory_kind} {memory_mib():.0f} MiB"),
+        ]
+    return rows
+
+
 BENCHES: dict[str, Callable[[int], list[Row]]] = {
     "factorization": bench_factorization,
     "mc": bench_mc,
@@ -412,7 +529,11 @@ BENCHES: dict[str, Callable[[int], list[Row]]] = {
     "training": bench_training,
     "gemma_memory": bench_gemma_memory,
     "main_job": bench_main_job,
+    "paper_scale": bench_paper_scale,
 }
+
+#: run by a plain `make bench` only where a GPU is present; on a CPU ask for it with --only paper_scale
+GPU_ONLY = {"paper_scale"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -422,7 +543,8 @@ def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
     vers = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "lm_eval"))
     load = os.getloadavg()[0]
-    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM; {vers}; " \
+    gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; {vers}; " \
            f"torch threads {torch.get_num_threads()}; load average {load:.2f} when it started"
 
 
@@ -489,8 +611,15 @@ def main() -> None:
     ap.add_argument("--only", default="")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
+    ap.add_argument("--stand-in-tokenizers", type=Path, default=None,
+                    help="a folder of saved tokenizers (experiments/device_bundle.py) for the paper-shaped models")
     args = ap.parse_args()
-    names = [n for n in (args.only.split(",") if args.only else BENCHES) if n]
+    STAND_IN_TOKENIZERS[0] = args.stand_in_tokenizers
+    default = [n for n in BENCHES if n not in GPU_ONLY or torch.cuda.is_available()]
+    names = [n for n in (args.only.split(",") if args.only else default) if n]
+    unknown = [n for n in names if n not in BENCHES]
+    if unknown:
+        ap.error(f"--only {','.join(unknown)}: unknown; choose from {','.join(BENCHES)}")
     t0 = time.perf_counter()
     rows: list[Row] = []
     for n in names:
@@ -501,7 +630,8 @@ def main() -> None:
                   + (f"  [{r.note}]" if r.note else ""), flush=True)
         rows += got
         gc.collect()
-    cmd = "make bench" + (f" ARGS='--only {args.only}'" if args.only else "")
+    flags = " ".join(a for a in sys.argv[1:])
+    cmd = "make bench" + (f" ARGS='{flags}'" if flags else "")
     write_markdown(rows, cmd, args.out, time.perf_counter() - t0, partial=bool(args.only),
                    machine_line=started)
     print(f"wrote {args.out}")

@@ -87,6 +87,7 @@ def test_wrong_type_fails_at_compose(override: str) -> None:
         ("eval.perplexity_source=web", "eval.perplexity_source"),
         ("relearn.lr=0", "relearn.lr"),
         ("concepts.source=internet", "concepts.source"),
+        ("model.size_class=huge", "model.size_class"),
         ("stages=[baseline,dance]", "stages"),
     ],
 )

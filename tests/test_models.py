@@ -79,3 +79,82 @@ def test_missing_package_says_what_to_do(cache_dir: Path) -> None:
     cfg.name = "x"
     with pytest.raises(ModelUnavailableError, match="make install"):
         load_model(cfg, cache_root=cache_dir / "fresh")
+
+
+# --- paper-shaped random-weight stand-ins (ember/model_shapes.py) -------------------------------------
+
+
+@pytest.mark.parametrize("shape, params", [
+    ("gemma2_2b", 2_614_341_888),  # google/gemma-2-2b(-it), tied embeddings
+    ("llama31_8b", 8_030_261_248),  # meta-llama/Llama-3.1-8B(-Instruct)
+])
+def test_paper_shapes_have_the_published_parameter_counts(shape: str, params: int) -> None:
+    from transformers import AutoModelForCausalLM
+
+    from ember.model_shapes import shape_config
+
+    with torch.device("meta"):  # no memory: only the shapes are built
+        model = AutoModelForCausalLM.from_config(shape_config(shape, tokenizer_size=0, special_ids={}))
+    assert sum(p.numel() for p in model.parameters()) == params
+
+
+def test_paper_shape_vocabulary_widens_to_the_stand_in_tokenizer() -> None:
+    from ember.model_shapes import shape_config
+
+    assert shape_config("gemma2_2b", 262_144, {}).vocab_size == 262_144  # Gemma-3's tokenizer is larger
+    assert shape_config("llama31_8b", 49_152, {}).vocab_size == 128_256  # SmolLM2's is smaller: published size
+
+
+def test_paper_shape_loads_through_the_model_zoo(cache_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zoo's paper_shape path end to end, on a registered shape small enough for a test."""
+    from ember import model_shapes
+
+    monkeypatch.setitem(model_shapes.PAPER_SHAPES, "test_small", ("gemma2", dict(
+        vocab_size=1000, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)))
+    cfg = model_preset("gemma2_2b_shape")
+    cfg.shape = "test_small"
+    lm = load_model(cfg, cache_root=cache_dir)
+    f = lm.facts
+    assert (f.family, f.d_model, f.n_layers, f.source) == ("gemma2", 32, 2, "paper_shape:test_small")
+    assert f.vocab_size == len(lm.tokenizer) > 1000  # widened to Gemma-3's tokenizer
+    assert f.embed_scale == pytest.approx(32**0.5) and not f.tied_embeddings
+    assert next(lm.model.parameters()).dtype == torch.bfloat16
+
+
+def test_paper_shape_bad_config_names_the_key(cache_dir: Path) -> None:
+    from ember.errors import ConfigError
+    from tests.conftest import compose
+
+    cfg = model_preset("llama31_8b_shape")
+    cfg.shape = "gpt5"
+    with pytest.raises(ConfigError, match="model.shape='gpt5'.*gemma2_2b"):
+        load_model(cfg, cache_root=cache_dir)
+    cfg = model_preset("llama31_8b_shape")
+    cfg.tokenizer_from = None
+    with pytest.raises(ConfigError, match="model.tokenizer_from"):
+        load_model(cfg, cache_root=cache_dir)
+    from ember.preflight import peek_dims
+
+    assert peek_dims(compose(["model=llama31_8b_shape"])) == (4096, 32)  # read without building anything
+
+
+def test_paper_size_model_on_a_cpu_is_warned_about(caplog: pytest.LogCaptureFixture) -> None:
+    from ember.preflight import warn_large_model_on_cpu
+    from tests.conftest import compose
+
+    with caplog.at_level("WARNING"):
+        assert warn_large_model_on_cpu(compose(["model=gemma2_2b_it", "model.device=cpu"]))
+    assert "gemma2_2b_it" in caplog.text and "GPU" in caplog.text
+    assert not warn_large_model_on_cpu(compose(["model=smollm2_135m", "model.device=cpu"]))
+
+
+def test_tokenizer_from_may_be_a_saved_tokenizer_directory(tiny, cache_dir: Path, tmp_path: Path) -> None:
+    """A bare machine without the packaged models (a lent GPU) builds the stand-ins from saved tokenizers."""
+    tiny.tokenizer.save_pretrained(tmp_path / "tok")
+    cfg = model_preset("tiny_random")
+    cfg.tokenizer_from = str(tmp_path / "tok")
+    lm = load_model(cfg, cache_root=cache_dir)
+    assert len(lm.tokenizer) == len(tiny.tokenizer)
+    assert lm.tokenizer(PROBE)["input_ids"] == tiny.tokenizer(PROBE)["input_ids"]
+    torch.testing.assert_close(lm.model.get_input_embeddings().weight, tiny.model.get_input_embeddings().weight)

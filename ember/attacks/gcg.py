@@ -237,7 +237,7 @@ def suffix_gradient(model: nn.Module, prob: _Problem, suffix: list[int], loss: s
     emb = model.get_input_embeddings()
     w = emb.weight
     one_hot = torch.zeros(len(suffix), w.shape[0], device=dev, dtype=w.dtype)
-    one_hot[torch.arange(len(suffix)), torch.tensor(suffix, device=dev)] = 1.0
+    one_hot[torch.arange(len(suffix), device=dev), torch.tensor(suffix, device=dev)] = 1.0
     one_hot.requires_grad_(True)
     suf_emb = (one_hot @ w) * embed_scale
     batch = _build_batch(prob, [(suffix, i) for i in range(len(prob.a))], packed, w.dtype)

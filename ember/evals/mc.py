@@ -101,7 +101,7 @@ def token_logprobs(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor
         lps.append(logp.gather(1, tgt[:, None]).squeeze(1))
         greedy.append(logp.argmax(-1) == tgt)
     if not lps:
-        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        return torch.zeros(0, device=hidden.device), torch.zeros(0, dtype=torch.bool, device=hidden.device)
     return torch.cat(lps), torch.cat(greedy)
 
 
