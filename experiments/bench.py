@@ -539,9 +539,16 @@ GPU_ONLY = {"paper_scale"}
 # --------------------------------------------------------------------------------------------------
 
 
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:  # a bare GPU machine has no lm_eval; the paper_scale bench needs none
+        return "not installed"
+
+
 def machine() -> str:
     mem = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    vers = ", ".join(f"{p} {metadata.version(p)}" for p in ("torch", "transformers", "lm_eval"))
+    vers = ", ".join(f"{p} {_version(p)}" for p in ("torch", "transformers", "lm_eval"))
     load = os.getloadavg()[0]
     gpu = f", GPU {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
     return f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, {mem:.0f} GiB RAM{gpu}; {vers}; " \

@@ -1,10 +1,12 @@
-"""`make bench` output: the generated tables are rewritten, the hand-written notes survive."""
+"""`make bench`: the generated tables are rewritten, the hand-written notes survive, the GPU section runs."""
 
 from __future__ import annotations
 
 import importlib.util
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -49,3 +51,35 @@ def test_partial_run_replaces_only_its_sections(tmp_path: Path) -> None:
     assert "| one step | 1.5 s |" in text  # the section it did not measure is kept
     assert "Measured by `make bench ARGS='--only mc'`" in text and text.index("## mc") < text.index("## training")
     assert text.startswith("# Benchmarks") and text.rstrip().endswith("notes")
+
+
+@pytest.mark.slow
+def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The section a lent GPU runs (device time is scarce): every row, on shapes shrunk to test size."""
+    from ember import model_shapes
+
+    bench = _bench()
+    small = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    monkeypatch.setitem(model_shapes.PAPER_SHAPES, "gemma2_2b", ("gemma2", dict(
+        vocab_size=1000, head_dim=128, tie_word_embeddings=True, **small)))
+    monkeypatch.setitem(model_shapes.PAPER_SHAPES, "llama31_8b", ("llama", dict(
+        vocab_size=1000, tie_word_embeddings=False, **small)))
+    rows = bench.bench_paper_scale(1)
+    by_section: dict[str, list] = {}
+    for r in rows:
+        by_section.setdefault(r.section, []).append(r)
+    assert [s.split(" (")[0] for s in by_section] == ["paper scale: gemma2_2b_shape", "paper scale: llama31_8b_shape"]
+    for section, got in by_section.items():
+        names = [r.name for r in got]
+        assert "factorization K=100, project default (plateau)" in names, section
+        plateau = got[names.index("factorization K=100, project default (plateau)")]
+        assert plateau.baseline is not None and plateau.ratio is not None  # beside the reference rule, same run
+        assert "|V'|=" in got[names.index("factorization K=100, reference rule (tol 1e-4, patience 500)")].note
+        edit, edit_all = (got[names.index(n)] for n in ("restore + edit (delta 10)",
+                                                        "restore + edit (delta 10), every feature selected"))
+        n_tokens = [int(r.note.split(" tokens")[0]) for r in (edit, edit_all)]
+        assert 0 < n_tokens[0] <= n_tokens[1]
+        assert all(r.value > 0 for r in got)
+    mc = [r for r in rows if r.name.startswith("MC, log-likelihood")]
+    assert len(mc) == 1 and mc[0].baseline is not None and mc[0].section.startswith("paper scale: gemma2_2b_shape")
