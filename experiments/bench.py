@@ -419,7 +419,8 @@ def bench_paper_scale(repeats: int) -> list[Row]:
     """Paper-size costs on random-weight models of the paper's exact shapes (ember/model_shapes.py).
 
     Factorization (K = 100 and 200, and the reference rule at K = 100 as the baseline) and the edit at
-    d_model 2304 and 4096 on |V'| of the release Harry Potter concept, and the evaluation throughput
+    d_model 2304 and 4096 on |V'| of the release Harry Potter concept (against the neutral sentences,
+    as the reference; and once against the project's wider default background), and the evaluation throughput
     of the 2B shape. On a GPU every figure runs there; on a CPU the same code runs, with fewer
     questions. Random embeddings have no concept structure, so iteration counts are not those of
     real weights; the cost per iteration is."""
@@ -464,13 +465,13 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
                 note=f"{n_params / 1e9:.2f}B parameters (input embeddings untied), {lm.facts.dtype}, "
                      f"d={lm.facts.d_model}, vocab {lm.facts.vocab_size}; {memory_kind} {memory_mib():.0f} MiB")]
 
-    def factorize(rank: int, stopping: str = "plateau") -> tuple[float, object]:
+    def factorize(rank: int, stopping: str = "plateau", background: list[str] = store.neutral) -> tuple[float, object]:
         fcfg = OmegaConf.merge(cfg.ember.factorization, {"rank": rank, "stopping": stopping})
         if cuda:
             torch.cuda.synchronize()
         t = time.perf_counter()
         feats = compute_embedding_features(lm.model, lm.tokenizer, lm.facts, hp.name, hp.sentences,
-                                           store.neutral, fcfg, cache=None)
+                                           background, fcfg, cache=None)
         return time.perf_counter() - t, feats
 
     t_ref, ref = factorize(100, "reference")
@@ -485,6 +486,13 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
                         baseline=t_ref if rank == 100 else None,
                         note=f"{fit['n_iter']} iterations, {1000 * fit['seconds'] / fit['n_iter']:.1f} ms/iteration"
                              + (f"; loss / reference {fit['best_loss'] / ref.fit['best_loss']:.6f}" if rank == 100 else "")))
+    # the project's default background (neutral + every other concept + general text) makes V' 3-4x larger
+    wide = store.neutral + store.all_sentences_except(hp.name) + ConceptStore(STARTER_DIR).general_text
+    t_wide, wide_feats = factorize(100, background=wide)
+    rows.append(Row(sec, "factorization K=100, project default background (neutral + other concepts + general)",
+                    t_wide, "s", note=f"|V'|={len(wide_feats.vprime)}; {wide_feats.fit['n_iter']} iterations, "
+                    f"{1000 * wide_feats.fit['seconds'] / wide_feats.fit['n_iter']:.1f} ms/iteration"))
+    del wide_feats
     report = select_features(feats, cfg.ember.selector, SelectionContext(lm.tokenizer, hp.name, hp.key_terms))
     chosen = [int(k) for k in report.loc[report["selected"], "feature"]]
     how = f"{cfg.ember.selector.name} selector"

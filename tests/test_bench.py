@@ -75,7 +75,10 @@ def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest
         assert "factorization K=100, project default (plateau)" in names, section
         plateau = got[names.index("factorization K=100, project default (plateau)")]
         assert plateau.baseline is not None and plateau.ratio is not None  # beside the reference rule, same run
-        assert "|V'|=" in got[names.index("factorization K=100, reference rule (tol 1e-4, patience 500)")].note
+        n_vprime = [int(got[names.index(n)].note.split("|V'|=")[1].split(",")[0].split(";")[0]) for n in (
+            "factorization K=100, reference rule (tol 1e-4, patience 500)",
+            "factorization K=100, project default background (neutral + other concepts + general)")]
+        assert 0 < n_vprime[0] < n_vprime[1]  # the wider background brings more tokens into V'
         edit, edit_all = (got[names.index(n)] for n in ("restore + edit (delta 10)",
                                                         "restore + edit (delta 10), every feature selected"))
         n_tokens = [int(r.note.split(" tokens")[0]) for r in (edit, edit_all)]

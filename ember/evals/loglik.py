@@ -111,12 +111,13 @@ def score_continuations(
         owner_t = torch.tensor(owners, device=device)
         sums = torch.zeros(len(batch), device=device).index_add_(0, owner_t, tok_lp)
         greedy_counts = torch.zeros(len(batch), device=device).index_add_(0, owner_t, is_greedy.float())
+        sums_l, greedy_l = sums.tolist(), greedy_counts.tolist()  # one device transfer per batch, not per item
         for r, i in enumerate(batch):
             n_tok = len(encoded[i][1])
             results[i] = Scored(
-                loglik=float(sums[r]),
+                loglik=sums_l[r],
                 n_tokens=n_tok,
                 n_chars=len(pairs[i][1]),
-                greedy=bool(greedy_counts[r] == n_tok),
+                greedy=greedy_l[r] == n_tok,
             )
     return [r for r in results if r is not None]

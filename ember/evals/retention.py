@@ -82,8 +82,8 @@ def perplexity(
         lp, _ = token_logprobs(model, h, tgt)
         owner = torch.arange(len(batch), device=device)[:, None].expand(-1, ids.shape[1] - 1)[pred_mask]
         per = torch.zeros(len(batch), device=device).index_add_(0, owner, lp)
-        for r, i in enumerate(batch):
-            sums[i] = -float(per[r])
+        for i, per_i in zip(batch, per.tolist(), strict=True):  # one device transfer per batch
+            sums[i] = -per_i
             counts[i] = len(enc[i]) - 1
     n = sum(counts)
     nll = sum(sums) / n if n else float("nan")
