@@ -143,7 +143,8 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
     seqs = _encode(tok, paras, int(s["max_length"]))
 
     work = model if s["in_place"] else copy.deepcopy(model)
-    with torch.random.fork_rng(devices=[]):
+    # LoRA's initial weights come from the seed; the caller's RNG state (CUDA's too) is restored after
+    with torch.random.fork_rng(devices=list(range(torch.cuda.device_count()))):
         torch.manual_seed(ctx.seed)
         trained = _wrap_lora(work, s) if mode == "lora" else work
     if mode == "full":
