@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import json
 import random
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
 from pathlib import Path
@@ -300,6 +301,20 @@ class ConceptStore:
         """General text that nothing is fitted on (the perplexity term of retention reads it)."""
         path = self._file("heldout_text.json")
         return _str_list(_read_json(path), path, "<root>") if path.exists() else []
+
+
+def background_sentences(kinds: Sequence[str], store: ConceptStore, starter: ConceptStore, concept: str) -> list[str]:
+    """The factorization's background (``ember.background``): ``neutral`` (the store's neutral sentences),
+    ``other_concepts`` (every other concept's sentences), ``general`` (the starter set's general text)."""
+    out: list[str] = []
+    for kind in kinds:
+        if kind == "neutral":
+            out += store.neutral
+        elif kind == "other_concepts":
+            out += store.all_sentences_except(concept)
+        elif kind == "general":
+            out += starter.general_text
+    return out
 
 
 def open_store(cfg: Any) -> ConceptStore:

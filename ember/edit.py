@@ -88,7 +88,7 @@ class EmbeddingEditor:
         ids = plan.token_ids.tolist()
         orig = torch.stack([self._snapshot[t] for t in ids])
         change = (delta * plan.direction / self.scale).to(W.dtype).to(W.device)
-        W[torch.tensor(ids, device=W.device)] = orig if delta == 0 else orig - change
+        W[plan.token_ids.to(W.device)] = orig if delta == 0 else orig - change
         edit_norm = (delta * plan.direction.norm(dim=1)).tolist()
         eff = (self.scale * orig.float().norm(dim=1)).tolist()
         tokens = [{"id": t, "text": tokenizer.decode([t]) if tokenizer is not None else "",

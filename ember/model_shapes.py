@@ -35,6 +35,12 @@ PAPER_SHAPES: dict[str, tuple[str, dict[str, Any]]] = {
 }
 
 
+def _lookup(shape: str) -> tuple[str, dict[str, Any]]:
+    if shape not in PAPER_SHAPES:
+        raise ConfigError(f"model.shape='{shape}' unknown; choose one of {sorted(PAPER_SHAPES)}")
+    return PAPER_SHAPES[shape]
+
+
 def shape_config(shape: str, tokenizer_size: int, special_ids: dict[str, int | None]) -> Any:
     """The transformers config of a paper shape.
 
@@ -42,16 +48,12 @@ def shape_config(shape: str, tokenizer_size: int, special_ids: dict[str, int | N
     (Gemma-3's 262,144 ids for the Gemma-2 shape's 256,000), so every id the tokenizer makes exists."""
     from transformers import AutoConfig
 
-    if shape not in PAPER_SHAPES:
-        raise ConfigError(f"model.shape='{shape}' unknown; choose one of {sorted(PAPER_SHAPES)}")
-    model_type, params = PAPER_SHAPES[shape]
+    model_type, params = _lookup(shape)
     params = {**params, "vocab_size": max(params["vocab_size"], tokenizer_size)}
     return AutoConfig.for_model(model_type, **params, **{k: v for k, v in special_ids.items() if v is not None})
 
 
 def shape_dims(shape: str) -> tuple[int, int]:
     """(d_model, n_layers) of a paper shape, without building anything."""
-    if shape not in PAPER_SHAPES:
-        raise ConfigError(f"model.shape='{shape}' unknown; choose one of {sorted(PAPER_SHAPES)}")
-    params = PAPER_SHAPES[shape][1]
+    params = _lookup(shape)[1]
     return int(params["hidden_size"]), int(params["num_hidden_layers"])

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from ember.cache import ArtifactCache
 from ember.config import validate_against_model
-from ember.data import ConceptData, ConceptStore
+from ember.data import ConceptData, ConceptStore, background_sentences
 from ember.errors import EmberError
 from ember.locking import atomic_write_json, atomic_write_text
 from ember.seeding import seed_everything
@@ -101,15 +101,7 @@ class ConceptRun:
         return bool(self.cfg.progress) and sys.stderr.isatty()
 
     def background(self) -> list[str]:
-        out: list[str] = []
-        for b in self.cfg.ember.background:
-            if b == "neutral":
-                out += self.store.neutral
-            elif b == "other_concepts":
-                out += self.store.all_sentences_except(self.concept.name)
-            elif b == "general":
-                out += self.starter.general_text
-        return out
+        return background_sentences(self.cfg.ember.background, self.store, self.starter, self.concept.name)
 
     # -- stages --------------------------------------------------------------------------------
     def baseline(self) -> dict[str, Any]:

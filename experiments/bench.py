@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from ember.config import model_preset  # noqa: E402
-from ember.data import ConceptStore  # noqa: E402
+from ember.data import ConceptStore, background_sentences  # noqa: E402
 from ember.features import count_tokens, effective_embeddings, label_tokens  # noqa: E402
 from ember.models import load_model  # noqa: E402
 from ember.paths import STARTER_DIR  # noqa: E402
@@ -404,6 +404,10 @@ def bench_main_job(repeats: int) -> list[Row]:
     return rows
 
 
+#: the random-weight models of the paper's shapes (conf/model/), and the one whose evaluation throughput is measured
+PAPER_SHAPE_PRESETS = ("gemma2_2b_shape", "llama31_8b_shape")
+THROUGHPUT_PRESET = "gemma2_2b_shape"
+
 #: set by --stand-in-tokenizers: where the paper-shaped models' tokenizers were saved
 STAND_IN_TOKENIZERS: list[Path | None] = [None]
 
@@ -425,8 +429,8 @@ def bench_paper_scale(repeats: int) -> list[Row]:
     questions. Random embeddings have no concept structure, so iteration counts are not those of
     real weights; the cost per iteration is."""
     rows: list[Row] = []
-    for preset, evaluate in (("gemma2_2b_shape", True), ("llama31_8b_shape", False)):
-        rows += _paper_shape_rows(preset, evaluate, repeats)
+    for preset in PAPER_SHAPE_PRESETS:
+        rows += _paper_shape_rows(preset, preset == THROUGHPUT_PRESET, repeats)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -487,9 +491,10 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
                         note=f"{fit['n_iter']} iterations, {1000 * fit['seconds'] / fit['n_iter']:.1f} ms/iteration"
                              + (f"; loss / reference {fit['best_loss'] / ref.fit['best_loss']:.6f}" if rank == 100 else "")))
     # the project's default background (neutral + every other concept + general text) makes V' 3-4x larger
-    wide = store.neutral + store.all_sentences_except(hp.name) + ConceptStore(STARTER_DIR).general_text
+    wide = background_sentences(cfg.ember.background, store, ConceptStore(STARTER_DIR), hp.name)
     t_wide, wide_feats = factorize(100, background=wide)
-    rows.append(Row(sec, "factorization K=100, project default background (neutral + other concepts + general)",
+    kinds = " + ".join(k.replace("_", " ") for k in cfg.ember.background)
+    rows.append(Row(sec, f"factorization K=100, project default background ({kinds})",
                     t_wide, "s", note=f"|V'|={len(wide_feats.vprime)}; {wide_feats.fit['n_iter']} iterations, "
                     f"{1000 * wide_feats.fit['seconds'] / wide_feats.fit['n_iter']:.1f} ms/iteration"))
     del wide_feats

@@ -25,7 +25,6 @@ sys.path.insert(0, str(ROOT))
 
 #: the device image lacks these (its package list: /work/.library/device/KINDS.md); pure Python, any platform
 WHEELS = ["hydra-core", "omegaconf", "antlr4-python3-runtime"]
-SHAPE_PRESETS = ["gemma2_2b_shape", "llama31_8b_shape"]
 
 
 def main() -> None:
@@ -33,6 +32,7 @@ def main() -> None:
 
     from ember.config import model_preset
     from ember.models import load_model
+    from experiments.bench import PAPER_SHAPE_PRESETS
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / ".device")
@@ -40,7 +40,7 @@ def main() -> None:
     args = ap.parse_args()
     out: Path = args.out
     shutil.rmtree(out, ignore_errors=True)
-    for preset in SHAPE_PRESETS:
+    for preset in PAPER_SHAPE_PRESETS:
         source = model_preset(preset).tokenizer_from
         tok = load_model(model_preset(source), tokenizer_only=True).tokenizer
         tok.save_pretrained(out / "tokenizers" / source)
