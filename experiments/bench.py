@@ -1,7 +1,7 @@
 """`make bench`: every figure beside its baseline, measured in one run; writes BENCHMARKS.md.
 
 Each benchmark returns rows (name, value, unit, baseline, ratio, note). Times are medians of
-repeated runs. Run a subset with ``--only factorization,mc``; ``--quick`` uses fewer repeats.
+repeated runs. Run a subset with ``--only factorization,mc``; ``--repeats 1`` for a quicker, noisier pass.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
+from unittest import mock
 
 import torch
 
@@ -52,6 +53,14 @@ class Row:
         return self.baseline / self.value if self.unit in ("s", "ms", "MiB") else self.value / self.baseline
 
 
+@dataclass(frozen=True)
+class BenchOptions:
+    """What the command line passes to every benchmark."""
+
+    repeats: int = 3
+    stand_in_tokenizers: Path | None = None  # saved tokenizers for the paper-shaped models (device_bundle.py)
+
+
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
     times, out = [], None
     for _ in range(repeats):
@@ -81,14 +90,14 @@ def embedding_matrix(lm, concepts: list[str]) -> torch.Tensor:
 # --------------------------------------------------------------------------------------------------
 
 
-def bench_factorization(repeats: int) -> list[Row]:
+def bench_factorization(opts: BenchOptions) -> list[Row]:
     from ember.factorize import sparse_factorize
 
     lm = smollm2()
     A = embedding_matrix(lm, ["Harry Potter"])
     rows = []
-    t_ref, ref = median_time(lambda: sparse_factorize(A, 100, stopping="reference"), repeats)
-    t_new, new = median_time(lambda: sparse_factorize(A, 100, stopping="plateau"), repeats)
+    t_ref, ref = median_time(lambda: sparse_factorize(A, 100, stopping="reference"), opts.repeats)
+    t_new, new = median_time(lambda: sparse_factorize(A, 100, stopping="plateau"), opts.repeats)
     note = f"|V'|={A.shape[1]}, d={A.shape[0]}, K=100"
     rows.append(Row("factorization", "reference rule (tol 1e-4, patience 500): time", t_ref, "s", note=note +
                     f"; best at iter {ref.best_iter}, stopped at {ref.n_iter}"))
@@ -97,24 +106,24 @@ def bench_factorization(repeats: int) -> list[Row]:
     rows.append(Row("factorization", "final loss, project default / reference", new.best_loss / ref.best_loss, "x",
                     note=f"reference {ref.best_loss:.6g}, default {new.best_loss:.6g} (goal: within 1%)"))
     # the precision choice (docs/design.md "Precision"): what float64 costs over float32, same rule
-    t32, r32 = median_time(lambda: sparse_factorize(A, 100, stopping="plateau", dtype=torch.float32), repeats)
+    t32, r32 = median_time(lambda: sparse_factorize(A, 100, stopping="plateau", dtype=torch.float32), opts.repeats)
     rows.append(Row("factorization", "project default in float64 (vs float32, the baseline): time", t_new, "s",
                     baseline=t32, note=f"float32 {r32.n_iter} iterations, loss {r32.best_loss:.6g}; "
                     f"float64 {new.n_iter} iterations, loss {new.best_loss:.6g}"))
     for k in (50, 100, 200):
-        t, r = median_time(lambda k=k: sparse_factorize(A, k, stopping="plateau"), repeats)
+        t, r = median_time(lambda k=k: sparse_factorize(A, k, stopping="plateau"), opts.repeats)
         rows.append(Row("factorization scaling", f"K={k}, |V'|={A.shape[1]}", t, "s",
                         note=f"{r.n_iter} iterations, {1000 * t / r.n_iter:.1f} ms/iteration"))
     for concepts in (["Harry Potter"], ["Harry Potter", "Baseball"],
                      ["Harry Potter", "Baseball", "World War II", "Ancient Rome"]):
         B = embedding_matrix(lm, concepts)
-        t, r = median_time(lambda B=B: sparse_factorize(B, 100, stopping="plateau"), repeats)
+        t, r = median_time(lambda B=B: sparse_factorize(B, 100, stopping="plateau"), opts.repeats)
         rows.append(Row("factorization scaling", f"{len(concepts)} concept(s): |V'|={B.shape[1]}, K=100", t, "s",
                         note=f"{r.n_iter} iterations, {1000 * t / r.n_iter:.1f} ms/iteration"))
     return rows
 
 
-def bench_mc(repeats: int) -> list[Row]:
+def bench_mc(opts: BenchOptions) -> list[Row]:
     from torch.profiler import ProfilerActivity, profile
 
     from ember.evals.mc import score_letter, score_loglik
@@ -123,8 +132,8 @@ def bench_mc(repeats: int) -> list[Row]:
     qs = ConceptStore(RELEASE).concept("Harry Potter").mc["QA_test"]
     sec = "multiple choice (SmolLM2, 50 release Harry Potter questions)"
     t_letter, r_letter = median_time(lambda: score_letter(lm.model, lm.tokenizer, qs, use_chat=True, batch_size=1), 1)
-    t_plain, r_plain = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs, share_prefix=False), repeats)
-    t_fast, r_fast = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), repeats)
+    t_plain, r_plain = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs, share_prefix=False), opts.repeats)
+    t_fast, r_fast = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), opts.repeats)
     n = len(qs)
     rows = [
         Row(sec, "letter generation, one at a time (the reference's way)",
@@ -160,7 +169,7 @@ def bench_mc(repeats: int) -> list[Row]:
     # lower precision speeds both paths alike, so it is reported beside its own bf16 baseline
     half = copy.deepcopy(lm.model).to(torch.bfloat16)
     t_l16, r_l16 = median_time(lambda: score_letter(half, lm.tokenizer, qs, use_chat=True, batch_size=1), 1)
-    t_f16, r_f16 = median_time(lambda: score_loglik(half, lm.tokenizer, qs), repeats)
+    t_f16, r_f16 = median_time(lambda: score_loglik(half, lm.tokenizer, qs), opts.repeats)
     rows += [
         Row(sec, "bfloat16 weights: letter generation", n / t_l16, "q/s", baseline=n / t_letter,
             note=f"vs float32 letter generation; acc {r_l16.acc:.2f}, invalid {r_l16.invalid:.2f}; {t_l16:.1f} s"),
@@ -170,7 +179,7 @@ def bench_mc(repeats: int) -> list[Row]:
     return rows
 
 
-def bench_delta(repeats: int) -> list[Row]:
+def bench_delta(opts: BenchOptions) -> list[Row]:
     """One EMBER delta-grid cell (restore + edit + evaluate on the train split) and a full grid."""
     from types import SimpleNamespace
 
@@ -201,9 +210,9 @@ def bench_delta(repeats: int) -> list[Row]:
         s = evaluate(model, lm.tokenizer, hp, store, cfg.eval, "train", judge_model=lm.model, parts=parts)
         return relative(s, base)
 
-    t_cell, _ = median_time(lambda: cell(5.0, parts_all), repeats)
-    t_cheap, _ = median_time(lambda: cell(5.0, ["qa", "simdom", "control", "ppl"]), repeats)
-    t_edit, _ = median_time(lambda: (ed.restore(), ed.apply(plan, 5.0)), max(repeats, 5))
+    t_cell, _ = median_time(lambda: cell(5.0, parts_all), opts.repeats)
+    t_cheap, _ = median_time(lambda: cell(5.0, ["qa", "simdom", "control", "ppl"]), opts.repeats)
+    t_edit, _ = median_time(lambda: (ed.restore(), ed.apply(plan, 5.0)), max(opts.repeats, 5))
     grid = list(cfg.ember.delta_grid)
     t0 = time.perf_counter()
     for d in grid:
@@ -220,7 +229,7 @@ def bench_delta(repeats: int) -> list[Row]:
     ]
 
 
-def bench_training(repeats: int) -> list[Row]:
+def bench_training(opts: BenchOptions) -> list[Row]:
     from ember.attacks.relearn import run_relearn
     from ember.methods import MethodContext, get_method
 
@@ -252,7 +261,7 @@ def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def bench_gemma_memory(repeats: int) -> list[Row]:
+def bench_gemma_memory(opts: BenchOptions) -> list[Row]:
     """Peak memory of Gemma-3-270M MC evaluation on 50 questions, in a fresh process per path."""
     code = """
 import resource, sys, torch
@@ -321,7 +330,7 @@ print(before, peak[0])
     return rows
 
 
-def bench_attacks(repeats: int) -> list[Row]:
+def bench_attacks(opts: BenchOptions) -> list[Row]:
     """The main job's prompting attacks with the shared prefix encoded once vs re-encoded per question."""
     from omegaconf import OmegaConf
 
@@ -341,13 +350,9 @@ def bench_attacks(repeats: int) -> list[Row]:
         def run(name: str = name, settings: dict = settings):
             return ATTACKS[name](lm.model, lm.tokenizer, hp, settings, ctx)
 
-        default_min = mc.MIN_SHARED_PREFIX
-        mc.MIN_SHARED_PREFIX = 10**9  # the baseline: every question re-encodes the shared prefix
-        try:
-            t_off, r_off = median_time(run, repeats)
-        finally:
-            mc.MIN_SHARED_PREFIX = default_min
-        t_on, r_on = median_time(run, repeats)
+        with mock.patch.object(mc, "MIN_SHARED_PREFIX", 10**9):  # the baseline: every question re-encodes it
+            t_off, r_off = median_time(run, opts.repeats)
+        t_on, r_on = median_time(run, opts.repeats)
         rows.append(Row(sec, f"{name}: prefix re-encoded for every question", t_off, "s",
                         note=f"accuracy {r_off.accuracy:.3f}"))
         rows.append(Row(sec, f"{name}: shared prefix encoded once (default)", t_on, "s", baseline=t_off,
@@ -370,7 +375,7 @@ def stage_seconds(job_dir: Path) -> str:
     return ", ".join(parts)
 
 
-def bench_main_job(repeats: int) -> list[Row]:
+def bench_main_job(opts: BenchOptions) -> list[Row]:
     """`make run` end to end: cold (empty caches except the converted model) and warm (everything cached)."""
     import shutil
     import tempfile
@@ -408,10 +413,6 @@ def bench_main_job(repeats: int) -> list[Row]:
 PAPER_SHAPE_PRESETS = ("gemma2_2b_shape", "llama31_8b_shape")
 THROUGHPUT_PRESET = "gemma2_2b_shape"
 
-#: set by --stand-in-tokenizers: where the paper-shaped models' tokenizers were saved
-STAND_IN_TOKENIZERS: list[Path | None] = [None]
-
-
 def _current_rss_mib() -> float:
     for line in open("/proc/self/status"):
         if line.startswith("VmRSS"):
@@ -419,7 +420,7 @@ def _current_rss_mib() -> float:
     return 0.0
 
 
-def bench_paper_scale(repeats: int) -> list[Row]:
+def bench_paper_scale(opts: BenchOptions) -> list[Row]:
     """Paper-size costs on random-weight models of the paper's exact shapes (ember/model_shapes.py).
 
     Factorization (K = 100 and 200, and the reference rule at K = 100 as the baseline) and the edit at
@@ -430,14 +431,14 @@ def bench_paper_scale(repeats: int) -> list[Row]:
     real weights; the cost per iteration is."""
     rows: list[Row] = []
     for preset in PAPER_SHAPE_PRESETS:
-        rows += _paper_shape_rows(preset, preset == THROUGHPUT_PRESET, repeats)
+        rows += _paper_shape_rows(preset, preset == THROUGHPUT_PRESET, opts)
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
     return rows
 
 
-def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
+def _paper_shape_rows(preset: str, evaluate: bool, opts: BenchOptions) -> list[Row]:
     from omegaconf import OmegaConf
 
     from ember.edit import EditPlan, EmbeddingEditor
@@ -456,8 +457,8 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
     hp = store.concept("Harry Potter")
     cfg = compose([])
     mcfg = model_preset(preset)
-    if STAND_IN_TOKENIZERS[0] is not None:  # a bare machine without the packaged models
-        mcfg.tokenizer_from = str(STAND_IN_TOKENIZERS[0] / mcfg.tokenizer_from)
+    if opts.stand_in_tokenizers is not None:  # a bare machine without the packaged models
+        mcfg.tokenizer_from = str(opts.stand_in_tokenizers / mcfg.tokenizer_from)
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
@@ -512,11 +513,11 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
         if cuda:
             torch.cuda.synchronize()
 
-    t_edit, _ = median_time(edit, max(repeats, 5))
+    t_edit, _ = median_time(edit, max(opts.repeats, 5))
     rows.append(Row(sec, "restore + edit (delta 10)", 1000 * t_edit, "ms",
                     note=f"{len(plan)} tokens from {len(chosen)} features ({how}, K=200)"))
     plan = EditPlan.from_features(feats, list(range(feats.rank)))  # the upper bound: every concept-only token
-    t_all, _ = median_time(edit, max(repeats, 5))
+    t_all, _ = median_time(edit, max(opts.repeats, 5))
     editor.restore()
     rows.append(Row(sec, "restore + edit (delta 10), every feature selected", 1000 * t_all, "ms",
                     note=f"{len(plan)} tokens: every concept-only token of V' with a non-zero code"))
@@ -524,7 +525,7 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
         qs = hp.mc["QA_test"][:50 if cuda else 8]
         use_chat = lm.facts.has_chat_template
         t_letter, _ = median_time(lambda: score_letter(lm.model, lm.tokenizer, qs, use_chat=use_chat), 1)
-        t_fast, _ = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), repeats)
+        t_fast, _ = median_time(lambda: score_loglik(lm.model, lm.tokenizer, qs), opts.repeats)
         rows += [
             Row(sec, f"MC, letter generation one at a time ({len(qs)} questions)", len(qs) / t_letter, "q/s",
                 note=f"{t_letter:.1f} s; the accuracy of random weights means nothing"),
@@ -534,7 +535,7 @@ def _paper_shape_rows(preset: str, evaluate: bool, repeats: int) -> list[Row]:
     return rows
 
 
-BENCHES: dict[str, Callable[[int], list[Row]]] = {
+BENCHES: dict[str, Callable[[BenchOptions], list[Row]]] = {
     "factorization": bench_factorization,
     "mc": bench_mc,
     "delta": bench_delta,
@@ -634,7 +635,9 @@ def main() -> None:
     ap.add_argument("--stand-in-tokenizers", type=Path, default=None,
                     help="a folder of saved tokenizers (experiments/device_bundle.py) for the paper-shaped models")
     args = ap.parse_args()
-    STAND_IN_TOKENIZERS[0] = args.stand_in_tokenizers
+    if args.repeats < 1:
+        ap.error(f"--repeats {args.repeats}: must be at least 1")
+    opts = BenchOptions(repeats=args.repeats, stand_in_tokenizers=args.stand_in_tokenizers)
     default = [n for n in BENCHES if n not in GPU_ONLY or torch.cuda.is_available()]
     names = [n for n in (args.only.split(",") if args.only else default) if n]
     unknown = [n for n in names if n not in BENCHES]
@@ -644,7 +647,7 @@ def main() -> None:
     rows: list[Row] = []
     for n in names:
         print(f"== {n}", flush=True)
-        got = BENCHES[n](args.repeats)
+        got = BENCHES[n](opts)
         for r in got:
             print(f"  {r.name}: {r.value:.4g} {r.unit}" + (f" (baseline {r.baseline:.4g}, {r.ratio:.2f}x)" if r.ratio else "")
                   + (f"  [{r.note}]" if r.note else ""), flush=True)

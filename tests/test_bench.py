@@ -65,7 +65,7 @@ def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest
         vocab_size=1000, head_dim=128, tie_word_embeddings=True, **small)))
     monkeypatch.setitem(model_shapes.PAPER_SHAPES, "llama31_8b", ("llama", dict(
         vocab_size=1000, tie_word_embeddings=False, **small)))
-    rows = bench.bench_paper_scale(1)
+    rows = bench.bench_paper_scale(bench.BenchOptions(repeats=1))
     by_section: dict[str, list] = {}
     for r in rows:
         by_section.setdefault(r.section, []).append(r)
