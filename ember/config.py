@@ -7,6 +7,7 @@ express (a negative delta, a sparsity outside (0, 1]) live in :func:`validate`.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -170,6 +171,7 @@ class RelearnConfig:
     divergence_factor: float = 20.0
     in_place: bool = False  # relearn the model passed in rather than a deep copy
     merge_lora: bool = True  # lora: merge the adapter into the relearned model
+    control: bool = True  # also relearn the unedited model (cached): the attack's control and the recovered fraction
 
 
 @dataclass
@@ -218,9 +220,42 @@ register_configs()
 # range checks
 
 
+#: keys whose values the code dispatches on without a conf/ group (a misspelt value would fall through
+#: to another branch: a full grid, NaN efficacy): key -> (the accepted values, what they mean)
+CHOICES: dict[str, tuple[tuple[str, ...], str]] = {
+    "method.search": (("none", "quick", "full"),
+                      "none trains method.params, quick searches method.quick_grid, full method.grid"),
+    "eval.frac_on": (("acc", "p_correct"), "the multiple-choice score the kept fractions use"),
+    "eval.open_judge": (("local", "llm"), "local (answer match / token F1) or llm (an OpenAI-compatible endpoint)"),
+    "eval.coherence_judge": (("local", "llm"),
+                             "local (MiniLM relevance + base-model fluency) or llm (the endpoint's 0-2 ratings)"),
+}
+
+#: keys that are fractions or shares: only values in [0, 1] mean anything (above 1 nothing passes)
+FRACTIONS: tuple[str, ...] = (
+    "ember.retention_gate", "ember.coherence_gate", "method.retention_gate",
+    "ember.selector.purity_thresh", "ember.selector.exclusivity_thresh", "ember.selector.anchor_thresh",
+    "ember.selector.llm_confidence", "eval.f1_threshold",
+)
+
+
 def _require(cond: bool, key: str, value: Any, fix: str) -> None:
     if not cond:
         raise ConfigError(f"{key}={value!r} is invalid: {fix}")
+
+
+def _get(cfg: Any, key: str) -> Any:
+    return functools.reduce(getattr, key.split("."), cfg)
+
+
+def _check_selector(name: Any) -> None:
+    """``ember.selector.name``: registered selectors (ember/features.py SELECTORS), combined with '+'."""
+    from ember.features import SELECTORS
+
+    parts = [p.strip() for p in str(name).split("+") if p.strip()]  # as select_features reads it
+    unknown = [p for p in parts if p not in SELECTORS]
+    _require(bool(parts) and not unknown, "ember.selector.name", name,
+             f"unknown selector(s) {unknown}; choose from {sorted(SELECTORS)}, combined with '+' (e.g. ratio+anchor)")
 
 
 def validate(cfg: DictConfig | RunConfig) -> None:
@@ -240,7 +275,11 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _require(all(d >= 0 for d in e.delta_grid), "ember.delta_grid", list(e.delta_grid), "deltas must be non-negative")
     _require(e.factorization.dtype in ("float32", "float64"), "ember.factorization.dtype", e.factorization.dtype,
              "use float64 (reproducible across thread counts) or float32 (half the time)")
-    _require(0 <= e.retention_gate <= 1, "ember.retention_gate", e.retention_gate, "use a fraction in [0, 1]")
+    for key in FRACTIONS:
+        _require(0 <= _get(cfg, key) <= 1, key, _get(cfg, key), "use a fraction in [0, 1]")
+    for key, (choices, meaning) in CHOICES.items():
+        _require(_get(cfg, key) in choices, key, _get(cfg, key), f"choose one of {list(choices)}: {meaning}")
+    _check_selector(e.selector.name)
     for b in e.background:
         _require(b in ("neutral", "other_concepts", "general"), "ember.background", list(e.background),
                  "each entry must be one of neutral, other_concepts, general")

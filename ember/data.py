@@ -9,6 +9,7 @@ correct answer first).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import random
@@ -54,6 +55,11 @@ class ConceptData:
     @property
     def slug(self) -> str:
         return slugify(self.name)
+
+    def fingerprint(self) -> str:
+        """A digest of everything the concept holds (questions with their shuffled options, paragraphs,
+        key terms): part of the cache key of anything computed from it."""
+        return hashlib.sha256(repr(dataclasses.astuple(self)).encode()).hexdigest()[:16]
 
     def stats(self) -> dict[str, int]:
         out = {"sentences": len(self.sentences), "relearn_paragraphs": len(self.relearn),

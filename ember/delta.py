@@ -23,15 +23,25 @@ class DeltaChoice:
     reason: str = ""
 
 
-def _objective(row: dict[str, Any]) -> float:
+def ranking_value(row: dict[str, Any]) -> float:
+    """``harmonic_alpaca`` where coherence was measured (0 counts: a collapsed cell cannot win on
+    ``harmonic``), else ``harmonic``; NaN or missing counts as 0."""
     v = row.get("harmonic_alpaca")
     if v is None or (isinstance(v, float) and math.isnan(v)):
         v = row.get("harmonic", 0.0)
     return 0.0 if v is None or (isinstance(v, float) and math.isnan(v)) else float(v)
 
 
-def passes_gates(row: dict[str, Any], retention_keys: Sequence[str], coherence_keys: Sequence[str],
+def passes_gates(row: dict[str, Any], retention_keys: Sequence[str] | None, coherence_keys: Sequence[str],
                  retention_gate: float, coherence_gate: float) -> bool:
+    """Every retention term >= ``retention_gate`` and every coherence term >= ``coherence_gate``; missing
+    or NaN terms are not gated. ``retention_keys=None``: every specificity term the row holds (similar
+    domain, control facts, perplexity and each lm-eval task, e.g. MMLU, the paper's delta gate)."""
+    if retention_keys is None:
+        from ember.evals.metrics import retention_terms
+
+        retention_keys = list(retention_terms(row))
+
     def ok(keys: Sequence[str], gate: float) -> bool:
         for k in keys:
             v = row.get(k)
@@ -47,7 +57,7 @@ def passes_gates(row: dict[str, Any], retention_keys: Sequence[str], coherence_k
 def choose_delta(
     grid: Sequence[float],
     score: Callable[[float], dict[str, Any]],
-    retention_keys: Sequence[str],
+    retention_keys: Sequence[str] | None,
     coherence_keys: Sequence[str],
     retention_gate: float = 0.9,
     coherence_gate: float = 0.9,
@@ -60,7 +70,7 @@ def choose_delta(
     for d in tqdm(sorted(grid), desc="delta grid", disable=not progress, leave=False):
         row = {"delta": float(d), **score(float(d))}
         row["gate_pass"] = passes_gates(row, retention_keys, coherence_keys, retention_gate, coherence_gate)
-        row["objective"] = _objective(row) if row["gate_pass"] else 0.0
+        row["objective"] = ranking_value(row) if row["gate_pass"] else 0.0
         rows.append(row)
         if on_row:
             on_row(row)

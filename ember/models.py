@@ -392,7 +392,8 @@ def load_model(cfg: Any, cache_root: Path | None = None, tokenizer_only: bool = 
     facts = read_facts(model, tok, cfg.name, source)
     facts.load_seconds = time.perf_counter() - start
     facts.from_cache = from_cache
-    if not cfg.use_chat_template:
+    if not cfg.use_chat_template:  # the model is not chat-tuned: no part of the job wraps prompts in a template
+        tok.chat_template = None
         facts.has_chat_template = False
     log.info(
         "loaded %s (%s) in %.1fs%s: %d layers, d=%d, vocab=%d, embed_scale=%.3f, tied=%s",

@@ -138,13 +138,30 @@ class ConceptRun:
         self.files.write_table(self.slug, "edited_tokens", toks)
         n_concept_only = int((feats.labels == CONCEPT_ONLY).sum())
         self._feats, self._plan = feats, plan
+        warning = "" if len(plan) else self._no_edit_warning(feats, ctx)
         return self._finish("features", {
+            "warning": warning,
             "fit": {k: v for k, v in feats.fit.items() if k != "loss_curve"},
             "loss_curve_head": feats.fit["loss_curve"][:5], "n_vprime": int(feats.vprime.numel()),
             "n_concept_only": n_concept_only, "selected_features": selected,
             "n_edited_tokens": len(plan), "edited_tokens_sample": [t["text"] for t in toks[:40]],
             "metrics": {"n_selected_features": len(selected), "n_edited_tokens": len(plan),
                         "relative_residual": feats.fit["relative_residual"]}}, t0)
+
+    def _no_edit_warning(self, feats: Any, ctx: Any) -> str:
+        """Say loudly, with the likely cause and the fixes, that EMBER will edit nothing for this concept."""
+        from ember.features import CONCEPT_ONLY, key_term_token_ids
+
+        conly = feats.vprime[feats.labels == CONCEPT_ONLY].tolist()
+        terms = list(ctx.concept_terms) or [self.concept.name]
+        anchors = set(key_term_token_ids(self.lm.tokenizer, terms)) & set(conly)
+        msg = (f"[{self.concept.name}] EMBER selected no feature (selector {self.cfg.ember.selector.name!r}; "
+               f"{len(conly)} concept-only tokens, {len(anchors)} of them from the key terms {terms[:5]}): "
+               f"the edit is a no-op for this concept. Fixes: list key terms whose tokens appear only in "
+               f"the concept's sentences in the store's key_terms.json, try another selector "
+               f"(ember.selector.name=ratio), or a narrower background (ember.background=[neutral]).")
+        log.warning(msg)
+        return msg
 
     def _ensure_plan(self) -> None:
         if hasattr(self, "_plan"):
@@ -187,7 +204,7 @@ class ConceptRun:
                "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid],
                "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
-        from ember.evals.suite import COHERENCE_KEYS, RETENTION_KEYS, enabled_parts
+        from ember.evals.suite import COHERENCE_KEYS, enabled_parts
 
         parts = enabled_parts(self.cfg.eval)
         cheap = [p for p in parts if p not in ("coherence", "open_qa", "lm_eval")]
@@ -204,7 +221,7 @@ class ConceptRun:
                          judge_model=self.lm.model, progress=False, parts=cheap)
             rel = relative(s, base_train)
             # the expensive parts only matter for a delta that passes the retention gate with a score
-            if passes_gates(rel, RETENTION_KEYS, (), e.retention_gate, 0.0) and (rel.get("efficacy") or 0) > 0:
+            if passes_gates(rel, None, (), e.retention_gate, 0.0) and (rel.get("efficacy") or 0) > 0:
                 rest = [p for p in parts if p not in cheap]
                 if rest:
                     s.update({k: v for k, v in evaluate(
@@ -217,7 +234,7 @@ class ConceptRun:
             return {k: v for k, v in rel.items() if isinstance(v, (int, float))}
 
         def build() -> dict[str, Any]:
-            choice = choose_delta(list(e.delta_grid), score, RETENTION_KEYS, COHERENCE_KEYS,
+            choice = choose_delta(list(e.delta_grid), score, None, COHERENCE_KEYS,
                                   e.retention_gate, e.coherence_gate, progress=self._progress())
             return {"delta": choice.delta, "rows": choice.rows, "reason": choice.reason}
 
@@ -253,14 +270,15 @@ class ConceptRun:
     def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The paper's grid protocol for the base method (``method.search=quick|full``)."""
         from ember.evals.baseline import settings_hash
-        from ember.evals.suite import RETENTION_KEYS, enabled_parts, evaluate, relative
+        from ember.evals.suite import enabled_parts, evaluate, relative
         from ember.search import method_cells, search
 
         base = self._method_params()
         if self.cfg.method.search == "none" or self.cfg.method.name == "none":
             return base, None
         base_train = self._base_scores("train")
-        grid_parts = [p for p in enabled_parts(self.cfg.eval) if p not in ("coherence", "open_qa", "lm_eval")]
+        # lm-eval tasks (MMLU) are measured in every cell when enabled: the paper's grid gates on them
+        grid_parts = [p for p in enabled_parts(self.cfg.eval) if p not in ("coherence", "open_qa")]
 
         def score_cell(cell: dict[str, Any], with_coherence: bool) -> dict[str, Any]:
             model = self._edited_copy(delta)
@@ -283,7 +301,7 @@ class ConceptRun:
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
             "eval_data": self._train_eval_data()})
-        res = search(method_cells(self.cfg.method), score_cell, RETENTION_KEYS, self.cfg.method.retention_gate,
+        res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context)
         log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],
                  res["n_passing"], res["n_cells"])
@@ -378,8 +396,7 @@ class ConceptRun:
         t0 = time.perf_counter()
         spec = self.cfg.attacks or {}
         enabled = list(spec.get("enabled", []))
-        base_acc = self._base_scores("test").get("qa_acc")
-        erased_acc = (self.files.read_stage(self.slug, "evaluate") or {}).get("scores", {}).get("qa_acc")
+        erased_acc, base_acc, reference = self._attack_reference_accuracies()
         out, rows, metrics = {}, [], {}
         for name in enabled:
             settings = OmegaConf.to_container(spec.get(name, {}) or {}, resolve=True)
@@ -394,7 +411,8 @@ class ConceptRun:
             t_attack = time.perf_counter() - t_attack
             key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
                    "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
-                   "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name)}
+                   "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name),
+                   "template": self.cfg.eval.prompt_template, "data": self.concept.fingerprint()}
 
             def control(name: str = name, settings: dict = settings, ctx: Any = ctx) -> Any:
                 seed_everything(self.cfg.seed)
@@ -405,7 +423,8 @@ class ConceptRun:
             t_control = time.perf_counter() - t_control  # about 0 when the control came from the cache
             rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
             out[name] = {"accuracy": attacked.accuracy, "control_accuracy": ctrl.accuracy, "erased_accuracy": erased_acc,
-                         "base_accuracy": base_acc, "recovered_fraction": rec, "per_variant": attacked.per_variant,
+                         "base_accuracy": base_acc, "reference_scorer": reference,
+                         "recovered_fraction": rec, "per_variant": attacked.per_variant,
                          "control_per_variant": ctrl.per_variant, "extra": attacked.extra,
                          "seconds": round(t_attack, 3), "control_seconds": round(t_control, 3)}
             metrics.update({f"{name}_acc": attacked.accuracy, f"{name}_control_acc": ctrl.accuracy,
@@ -417,22 +436,79 @@ class ConceptRun:
             self.files.write_table(self.slug, "attack_questions", rows)
         return self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
 
+    def _attack_reference_accuracies(self) -> tuple[float | None, float | None, str]:
+        """The erased and the unedited model's plain QA_test accuracy, scored as the prompting attacks
+        score (log-likelihood): the evaluate and baseline stages' numbers when the job scores that way,
+        else measured here, so a recovered fraction never mixes two scorers."""
+        if self.cfg.eval.mc_mode == "loglik":
+            erased = (self.files.read_stage(self.slug, "evaluate") or {}).get("scores", {}).get("qa_acc")
+            return erased, self._base_scores("test").get("qa_acc"), "loglik (the evaluate and baseline stages)"
+        from ember.attacks.base import AttackContext, questions
+
+        ctx = AttackContext(template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size)
+        qs = questions(self.concept, ctx.eval_split, self.cfg.eval.max_questions)
+        erased, base = (ctx.score_plain(m, self.lm.tokenizer, qs).acc for m in (self.work, self.lm.model))
+        log.info("[%s] attacks score by log-likelihood; plain accuracy so scored: erased %.3f, unedited %.3f "
+                 "(eval.mc_mode=%s is used by evaluate and relearn)", self.concept.name, erased, base,
+                 self.cfg.eval.mc_mode)
+        return erased, base, "loglik (measured for the attacks)"
+
     def relearn(self) -> dict[str, Any]:
-        from ember.attacks import AttackContext
+        from ember.attacks import AttackContext, recovered_fraction
         from ember.attacks.relearn import run_relearn
+        from ember.evals.suite import mc_scorer, provenance
 
         t0 = time.perf_counter()
-        seed_everything(self.cfg.seed)
         ctx = AttackContext(seed=self.cfg.seed, template=self.cfg.eval.prompt_template,
                             batch_size=self.cfg.eval.batch_size, progress=self._progress(),
-                            max_questions=self.cfg.eval.max_questions)  # the same capped questions as evaluate
-        res = run_relearn(self.work, self.lm.tokenizer, self.concept, self.cfg.relearn, ctx)
-        res = res if isinstance(res, dict) else res.to_dict()
+                            max_questions=self.cfg.eval.max_questions,  # the same capped questions as evaluate
+                            mc_scorer=mc_scorer(self.cfg.eval, self.lm.tokenizer))
+        settings = OmegaConf.to_container(self.cfg.relearn, resolve=True)
+        seed_everything(self.cfg.seed)
+        res = run_relearn(self.work, self.lm.tokenizer, self.concept, settings, ctx).to_dict()
         curve = res.get("curve", [])
+        metrics = dict(res.get("metrics", {}))
+        control = self._relearn_control(settings, ctx, run_relearn, provenance)
+        if control is not None:
+            base_curve = control.get("curve", [])
+            base_acc = base_curve[0]["qa_acc"] if base_curve else math.nan
+            erased_acc = curve[0]["qa_acc"] if curve else math.nan
+            rec = recovered_fraction(res["accuracy"], erased_acc, base_acc)
+            res.update({"control_accuracy": control["accuracy"], "control_curve": base_curve,
+                        "base_accuracy": base_acc, "erased_accuracy": erased_acc, "recovered_fraction": rec})
+            metrics.update({"relearn_control_acc": control["accuracy"], "relearn_recovered": rec})
+            log.info("[%s] relearning: acc %.3f (control on the unedited model %.3f; erased %.3f, unedited %.3f; "
+                     "recovered %.2f)", self.concept.name, res["accuracy"], control["accuracy"], erased_acc,
+                     base_acc, rec)
         self.files.write_table(self.slug, "relearn_curve", curve)
         self.logger.table(f"{self.slug}/relearn_curve", curve)
         status = "complete" if res.get("status", "ok") == "ok" else "failed"
-        return self._finish("relearn", {**res, "metrics": res.get("metrics", {})}, t0, status)
+        return self._finish("relearn", {**res, "metrics": metrics}, t0, status)
+
+    def _relearn_control(self, settings: dict[str, Any], ctx: Any, run_relearn: Any,
+                         provenance: Any) -> dict[str, Any] | None:
+        """Relearning the unedited model with the same settings and seed (cached across jobs: it does not
+        depend on the erasure). None when ``relearn.control`` is off, or ``in_place`` is set (the
+        unedited model must stay as it is)."""
+        from ember.attacks import attack_code_version
+
+        if not settings.get("control", True):
+            return None
+        if settings.get("in_place"):
+            log.warning("[%s] relearn.in_place=true: no control run (relearning the unedited model in place would "
+                        "change it for later stages); set relearn.control=false to silence this", self.concept.name)
+            return None
+        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": "relearn",
+               "settings": {k: v for k, v in settings.items() if k != "control"}, "seed": self.cfg.seed,
+               "max_questions": self.cfg.eval.max_questions, "template": self.cfg.eval.prompt_template,
+               "scorer": provenance(self.cfg.eval), "data": self.concept.fingerprint(),
+               "code": attack_code_version("relearn")}
+
+        def control() -> dict[str, Any]:
+            seed_everything(self.cfg.seed)
+            return run_relearn(self.lm.model, self.lm.tokenizer, self.concept, settings, ctx).to_dict()
+
+        return self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
 
     # -- driver --------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:

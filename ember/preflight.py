@@ -3,11 +3,12 @@
 ``preflight`` validates the config, resolves and reads every requested concept (so a malformed
 data file fails now, naming the file and key), instantiates the method (unknown parameters fail
 now), checks attack names, and checks the factorization rank and the method's layers (every grid
-cell) against the model's width and depth read from its config alone (no weights loaded).
+cell) against the model's width and depth read from its config or GGUF header alone (no weights loaded).
 """
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -30,8 +31,30 @@ class Checked:
     concepts: list[ConceptData]
 
 
+def packaged_gguf_dims(m: Any) -> tuple[int | None, int | None]:
+    """A packaged model's width and depth from its GGUF header; (None, None) on any failure (the load
+    reports a missing package clearly). An ``assemble`` package is read from its parts
+    (``chunk_paths()``) rather than assembled."""
+    try:
+        from ember.gguf_header import gguf_header_dims
+        from ember.models import _package_dir
+
+        if m.assemble:
+            module = importlib.import_module(m.assemble.split(":")[0])
+            chunk_paths = getattr(module, "chunk_paths", None)
+            if not callable(chunk_paths):
+                return None, None
+            parts = [Path(p) for p in chunk_paths()]
+        else:
+            parts = [_package_dir(m.package) / m.gguf_file]
+        return gguf_header_dims(parts)
+    except Exception as exc:
+        log.debug("model dimensions not read from the GGUF header (%s)", exc)
+        return None, None
+
+
 def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
-    """The model's width and depth from its config file or preset, without loading weights (None if unknown)."""
+    """The model's width and depth from its config file, GGUF header or preset, without loading weights (None if unknown)."""
     m = cfg.model
     if m.source == "tiny_random":
         return int(m.tiny.d_model), int(m.tiny.n_layers)
@@ -44,9 +67,10 @@ def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
         from ember.models import _float_cache_dir
 
         p = _float_cache_dir(m, Path(cfg.cache_dir)) / "config.json"
-        if p.exists():
-            c = json.loads(p.read_text())
-            c = c.get("text_config") or c
+        if not p.exists():  # a fresh machine: the converted copy is made at load; the GGUF header knows
+            return packaged_gguf_dims(m)
+        c = json.loads(p.read_text())
+        c = c.get("text_config") or c
     elif m.source == "hub":
         try:
             from transformers import AutoConfig

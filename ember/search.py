@@ -1,11 +1,13 @@
 """The paper's selection protocol for a base method's hyper-parameters (reference-spec 5.8).
 
 1. Every grid cell runs on a fresh copy of the model (EMBER-edited when on) and is scored on the
-   *train* split without coherence; a cell whose retention terms fall below
-   ``method.retention_gate`` scores 0.
+   *train* split without coherence; a cell whose specificity terms (lm-eval tasks such as MMLU
+   included, when enabled) fall below ``method.retention_gate`` scores 0.
 2. The ``top_k_validate`` best cells by harmonic are re-scored with coherence. When that is every
    cell (a quick grid), the first pass scores coherence directly and no cell is trained twice.
-3. The best by harmonic_alpaca wins; the caller then evaluates it once on the test split.
+3. The best by harmonic_alpaca wins (a measured 0, collapsed coherence, counts as 0; harmonic only
+   where coherence is off); ties go to the smaller parameters in the grid's key order, as the
+   reference's stable tie-break. The caller then evaluates it once on the test split.
 
 Each scored cell is appended to a JSONL file in the job directory as soon as it finishes, so an
 interrupted search resumes where it stopped (a torn last line is ignored, duplicates collapse).
@@ -28,6 +30,8 @@ from pathlib import Path
 from typing import Any
 
 from tqdm.auto import tqdm
+
+from ember.delta import passes_gates, ranking_value
 
 log = logging.getLogger("ember")
 
@@ -77,10 +81,15 @@ def _finite(x: Any) -> float:
     return float(x) if isinstance(x, (int, float)) and math.isfinite(x) else 0.0
 
 
+def _param_order(params: dict[str, Any]) -> tuple[tuple[int, Any], ...]:
+    """A sortable key: each value in the params' own key order, numbers before anything else."""
+    return tuple((0, float(x)) if isinstance(x, (int, float)) else (1, str(x)) for x in params.values())
+
+
 def search(
     cells: list[dict[str, Any]],
     score_cell: Callable[[dict[str, Any], bool], dict[str, Any]],
-    retention_keys: tuple[str, ...],
+    retention_keys: tuple[str, ...] | None,
     retention_gate: float,
     top_k: int,
     out_dir: Path,
@@ -98,8 +107,7 @@ def search(
         if cid in done:
             continue
         m = score_cell(params, coherence_first)
-        gate = all(not isinstance(m.get(k), (int, float)) or not math.isfinite(m[k]) or m[k] >= retention_gate
-                   for k in retention_keys)
+        gate = passes_gates(m, retention_keys, (), retention_gate, 0.0)
         rec = {"cell": cid, "context": context, "params": params, "gate_pass": gate,
                "score": _finite(m.get("harmonic")) if gate else 0.0,
                "with_coherence": coherence_first,
@@ -124,8 +132,9 @@ def search(
                  **{k: x for k, x in m.items() if isinstance(x, (int, float, str, bool))}}
         append_jsonl(val_path, v)
         vals[r["cell"]] = v
-    best = max((vals[r["cell"]] for r in top),
-               key=lambda v: (_finite(v.get("harmonic_alpaca")) or _finite(v.get("harmonic")), -len(str(v["params"]))))
+    # ties go to the smaller parameters, compared in the grid's key order (the reference's stable tie-break)
+    validated = sorted((vals[r["cell"]] for r in top), key=lambda v: _param_order(v["params"]))
+    best = max(validated, key=ranking_value)  # harmonic_alpaca (0 when coherence collapsed), else harmonic
     return {"best_params": best["params"], "gate_pass": best["gate_pass"], "n_cells": len(cells),
             "n_passing": len(passing), "validated": [vals[r["cell"]] for r in top], "best": best}
 

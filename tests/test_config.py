@@ -109,3 +109,40 @@ def test_job_tag_is_readable_and_safe() -> None:
     assert "/" not in job_tag("data.release_dir=/a/b")
     long = job_tag("x=" + "a" * 300)
     assert len(long) <= 120 and long != job_tag("x=" + "a" * 299 + "b")
+
+
+@pytest.mark.parametrize(
+    "override, key, hint",
+    [
+        ("method.search=qiuck", "method.search", "'quick'"),  # would silently run the full grid
+        ("eval.frac_on=bogus", "eval.frac_on", "'p_correct'"),  # would give NaN efficacy
+        ("eval.open_judge=bogus", "eval.open_judge", "'llm'"),
+        ("eval.coherence_judge=bogus", "eval.coherence_judge", "'llm'"),
+        ("ember.selector.name=bogus", "ember.selector.name", "'ratio'"),  # from the SELECTORS registry
+        ("ember.selector.name=ratio+purty", "ember.selector.name", "'purity'"),
+        ("ember.coherence_gate=1.5", "ember.coherence_gate", "[0, 1]"),
+        ("ember.coherence_gate=-0.1", "ember.coherence_gate", "[0, 1]"),
+        ("method.retention_gate=2", "method.retention_gate", "[0, 1]"),
+        ("ember.selector.purity_thresh=1.5", "ember.selector.purity_thresh", "[0, 1]"),
+        ("ember.selector.exclusivity_thresh=-1", "ember.selector.exclusivity_thresh", "[0, 1]"),
+        ("ember.selector.anchor_thresh=20", "ember.selector.anchor_thresh", "[0, 1]"),
+        ("ember.selector.llm_confidence=85", "ember.selector.llm_confidence", "[0, 1]"),
+        ("eval.f1_threshold=50", "eval.f1_threshold", "[0, 1]"),
+    ],
+)
+def test_misspelt_choice_or_fraction_out_of_range_names_key_value_and_fix(override: str, key: str, hint: str) -> None:
+    cfg = compose([override])
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")) as exc:
+        validate(cfg)
+    value = override.split("=", 1)[1]
+    assert value.split("+")[-1] in str(exc.value) and hint in str(exc.value), str(exc.value)
+
+
+def test_combined_selectors_and_every_choice_validate() -> None:
+    from ember.config import CHOICES
+
+    validate(compose(["ember.selector.name=ratio+anchor"]))
+    validate(compose(["ember.selector.name=ratio+"]))  # select_features ignores an empty part too
+    for key, (choices, _) in CHOICES.items():
+        for choice in choices:
+            validate(compose([f"{key}={choice}"]))

@@ -29,3 +29,15 @@ def test_harmonic_used_when_coherence_is_off() -> None:
     rows = {1.0: {"spec": 1.0, "harmonic": 0.3, "harmonic_alpaca": float("nan")},
             2.0: {"spec": 1.0, "harmonic": 0.6, "harmonic_alpaca": float("nan")}}
     assert choose_delta(list(rows), table(rows), ["spec"], [], 0.9, 0.9).delta == 2.0
+
+
+def test_the_default_retention_gate_covers_every_specificity_term_mmlu_included() -> None:
+    """retention_keys=None gates on the row's specificity terms: an lm-eval task (the paper's MMLU gate) too."""
+    rows = {
+        5.0: {"simdom_frac": 0.97, "ppl_frac": 0.99, "harmonic_alpaca": 0.7},
+        10.0: {"simdom_frac": 0.97, "ppl_frac": 0.99, "lmeval_mmlu_frac": 0.6, "harmonic_alpaca": 0.9},
+        20.0: {"simdom_frac": 0.5, "harmonic_alpaca": 0.95},
+    }
+    c = choose_delta(list(rows), table(rows), None, [], 0.9, 0.9)
+    assert [r["gate_pass"] for r in c.rows] == [True, False, False]
+    assert c.delta == 5.0

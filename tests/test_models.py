@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -158,3 +159,16 @@ def test_tokenizer_from_may_be_a_saved_tokenizer_directory(tiny, cache_dir: Path
     assert len(lm.tokenizer) == len(tiny.tokenizer)
     assert lm.tokenizer(PROBE)["input_ids"] == tiny.tokenizer(PROBE)["input_ids"]
     torch.testing.assert_close(lm.model.get_input_embeddings().weight, tiny.model.get_input_embeddings().weight)
+
+
+def test_use_chat_template_false_removes_the_template_every_part_of_the_job_reads(tiny, cache_dir: Path) -> None:
+    """model.use_chat_template=false (a base model): evaluation, attacks and methods see no template."""
+    from ember.evals.suite import EvalContext
+
+    assert tiny.tokenizer.chat_template  # the preset keeps its tokenizer's template
+    cfg = model_preset("tiny_random")
+    cfg.use_chat_template = False
+    lm = load_model(cfg, cache_root=cache_dir)
+    assert lm.tokenizer.chat_template is None and not lm.facts.has_chat_template
+    eval_cfg = SimpleNamespace(use_chat=True, max_questions=None)
+    assert not EvalContext(None, lm.tokenizer, None, None, eval_cfg, "test").use_chat

@@ -9,6 +9,7 @@ suites are in ``test_reliability.py``, behind ``make test-large``.)
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 
 import pandas as pd
@@ -192,8 +193,55 @@ def test_wandb_offline_run_holds_the_metrics(tmp_path):
     assert "Harry_Potter/relearn/relearn_acc" in run["summary"]
     tables = {p.name.split("_")[0] for p in (run["dir"] / "files" / "media" / "table").rglob("*.table.json")}
     assert {"questions", "relearn"} <= tables
+    assert "Harry_Potter/relearn/relearn_recovered" in run["summary"]
     q = next((run["dir"] / "files" / "media" / "table").rglob("questions_*.table.json"))
     assert len(json.loads(q.read_text())["data"]) > 0
+
+
+@pytest.mark.timeout(400)
+def test_attacks_and_relearning_compare_like_with_like_in_letter_mode(tmp_path):
+    """With the paper's letter scoring, relearning scores its curve as evaluate does and relearns the
+    unedited model as its control (cached); the prompting attacks' recovered fraction uses plain
+    accuracies scored by log-likelihood, as the attacks score."""
+    cache = jobs.make_cache(tmp_path / "cache")
+    args = ["eval.mc_mode=letter", "attacks=prompting", "attacks.enabled=[jailbreak]",
+            "attacks.jailbreak.templates=[answer_only]", "relearn=full", "relearn.max_paragraphs=2",
+            "relearn.epochs=1", f"hydra.run.dir={tmp_path / 'job'}"]
+    jobs.run_ember(args, cache, timeout=300)
+    recs = jobs.stage_records(tmp_path / "job")
+    base = recs["Harry_Potter/baseline"]["scores"]["test"]["qa_acc"]
+    erased = recs["Harry_Potter/evaluate"]["scores"]["qa_acc"]
+    rel = recs["Harry_Potter/relearn"]
+    assert rel["curve"][0]["qa_acc"] == erased == rel["erased_accuracy"]  # the job's own (letter) scorer
+    assert rel["control_curve"][0]["qa_acc"] == base == rel["base_accuracy"]
+    assert len(rel["control_curve"]) == 2 and rel["metrics"]["relearn_control_acc"] == rel["control_accuracy"]
+    rec = rel["recovered_fraction"]
+    gap = base - erased
+    assert (math.isnan(rec) if gap <= 0 else rec == pytest.approx(min(1, max(0, (rel["accuracy"] - erased) / gap))))
+    jb = recs["Harry_Potter/attacks"]["attacks"]["jailbreak"]
+    assert jb["reference_scorer"].startswith("loglik (measured")
+    assert jb["erased_accuracy"] == jb["extra"]["plain_accuracy"]  # the attack's own unattacked score
+    assert recs["Harry_Potter/evaluate"]["scores"]["mc_mode"] == "letter"
+    controls = {p: p.stat().st_mtime_ns for p in (cache / "attack_control").rglob("manifest.json")
+                if jobs.read_json(p)["key"]["attack"] == "relearn"}
+    assert len(controls) == 1
+
+    # a second job that differs only in the erasure reuses the cached relearning control
+    jobs.run_ember([*args[:-1], "ember.delta=2.0", "ember.delta_grid=[2.0]", f"hydra.run.dir={tmp_path / 'job2'}"],
+                   cache, timeout=300)
+    assert jobs.stage_records(tmp_path / "job2")["Harry_Potter/relearn"]["control_curve"] == rel["control_curve"]
+    assert {p: p.stat().st_mtime_ns for p in controls} == controls  # read, not rebuilt
+
+
+@pytest.mark.timeout(200)
+def test_a_concept_ember_cannot_edit_is_reported_not_silent(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    proc = jobs.run_ember(["stages=[features]", "ember.selector.anchor_min_tokens=100000",
+                           f"hydra.run.dir={tmp_path / 'job'}"], cache, timeout=180)
+    rec = jobs.stage_records(tmp_path / "job")["Harry_Potter/features"]
+    assert rec["metrics"]["n_edited_tokens"] == 0
+    assert "the edit is a no-op" in rec["warning"] and "key_terms.json" in rec["warning"]
+    assert "the edit is a no-op" in proc.stdout + proc.stderr
 
 
 @pytest.mark.timeout(400)

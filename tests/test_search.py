@@ -81,3 +81,18 @@ def test_records_from_another_context_are_scored_again(tmp_path) -> None:
     res = search(CELLS, make_scorer(TABLE, changed), RET, 0.7, 2, tmp_path, context="eval-B")
     assert sorted(lr for lr, coh in changed if not coh) == [lr for lr in sorted(TABLE)]  # every cell again
     assert res["best_params"] == {"lr": 3.0}
+
+
+def test_a_cell_whose_coherence_collapsed_cannot_win_on_harmonic(tmp_path) -> None:
+    """harmonic_alpaca 0.0 is a measured collapse (the min-coherence gate), not a missing value."""
+    table = {1.0: {"harmonic": 0.95, "specificity": 0.95, "alpaca": 0.0},
+             2.0: {"harmonic": 0.8, "specificity": 0.95, "alpaca": 0.5}}
+    res = search(expand_grid({"lr": [1.0, 2.0]}), make_scorer(table, []), RET, 0.7, 2, tmp_path)
+    assert res["best_params"] == {"lr": 2.0}
+
+
+def test_validated_ties_go_to_the_smaller_parameters_whatever_the_grid_order(tmp_path) -> None:
+    table = {3.0: {"harmonic": 0.8, "specificity": 0.95, "alpaca": 0.6},
+             1.0: {"harmonic": 0.8, "specificity": 0.95, "alpaca": 0.6}}
+    res = search(expand_grid({"lr": [3.0, 1.0]}), make_scorer(table, []), RET, 0.7, 2, tmp_path)
+    assert res["best_params"] == {"lr": 1.0}

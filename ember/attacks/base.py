@@ -41,6 +41,16 @@ class AttackContext:
     eval_split: str = "QA_test"  # questions an attack is scored on
     retain_split: str = "SimdomQA_test"  # similar-domain questions (retention after relearning)
     extra: dict[str, Any] = field(default_factory=dict)
+    #: plain multiple choice as the job evaluates it (``eval.mc_mode``); None = log-likelihood with ``template``
+    mc_scorer: Callable[[nn.Module, Any, list[Any]], Any] | None = None
+
+    def score_plain(self, model: nn.Module, tok: Any, qs: list[Any]) -> Any:
+        """Unattacked accuracy of ``model`` on ``qs`` with the job's scorer (relearning's curve uses it)."""
+        if self.mc_scorer is not None:
+            return self.mc_scorer(model, tok, qs)
+        from ember.evals.mc import score_loglik
+
+        return score_loglik(model, tok, qs, template=self.template, batch_size=self.batch_size)
 
 
 @dataclass

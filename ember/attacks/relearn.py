@@ -6,11 +6,12 @@ every parameter trainable (embeddings included), AdamW (lr 1e-5, weight decay 0.
 paragraph order reshuffled each epoch by a ``random.Random(seed)``. ``relearn=lora`` trains a peft
 LoRA adapter on ``lora_targets`` instead (``lora_rank``, ``lora_alpha``, no dropout).
 
-Concept-QA accuracy (eval split, log-likelihood scoring as the job's evaluation) is measured before
-training (epoch 0) and after every epoch: a curve with ``epochs + 1`` points; retention (the
-similar-domain split) is measured at the same points. The paper's "regained accuracy" is the raw
-concept-QA accuracy after the last epoch (``accuracy``); the recovered fraction of the
-base-to-erased gap is computed by the job, which knows the base accuracy.
+Concept-QA accuracy (eval split, scored as the job's evaluation scores: ``AttackContext.score_plain``,
+log-likelihood or the paper's letter generation) is measured before training (epoch 0) and after
+every epoch: a curve with ``epochs + 1`` points; retention (the similar-domain split) is measured at
+the same points. The paper's "regained accuracy" is the raw concept-QA accuracy after the last epoch
+(``accuracy``). The job also relearns the unedited model (``control``, cached) and computes the
+recovered fraction of the base-to-erased gap from the two curves' first and last points.
 
 A NaN or exploding loss (``divergence_factor`` times the first loss) stops training with status
 ``diverged`` and the reason; the curve up to that point is kept and ``accuracy`` is its last point.
@@ -43,7 +44,6 @@ from ember.attacks import register_attack
 from ember.attacks.base import AttackContext, AttackResult, merge_settings, questions
 from ember.errors import ConfigError
 from ember.evals.loglik import right_pad
-from ember.evals.mc import score_loglik
 from ember.methods.base import loss_guard
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,7 @@ RELEARN_DEFAULTS: dict[str, Any] = {
     "divergence_factor": 20.0,
     "in_place": False,  # train the model passed in rather than a copy
     "merge_lora": True,  # LoRA: merge the adapter into the returned model
+    "control": True,  # the job also relearns the unedited model (its control); unused here
 }
 
 
@@ -160,9 +161,8 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
 
     def evaluate(epoch: int, loss: float, steps: int) -> dict[str, Any]:
         eval_model.eval()
-        qa = score_loglik(eval_model, tok, eval_qs, template=ctx.template, batch_size=ctx.batch_size)
-        ret = score_loglik(eval_model, tok, retain_qs, template=ctx.template, batch_size=ctx.batch_size) \
-            if retain_qs else None
+        qa = ctx.score_plain(eval_model, tok, eval_qs)
+        ret = ctx.score_plain(eval_model, tok, retain_qs) if retain_qs else None
         row = {"epoch": epoch, "loss": loss, "steps": steps, "qa_acc": qa.acc, "qa_p_correct": qa.p_correct,
                "retain_acc": ret.acc if ret else float("nan"),
                "retain_p_correct": ret.p_correct if ret else float("nan"),

@@ -44,8 +44,8 @@ from ember.evals.retention import lm_eval_chance, perplexity, run_lm_eval_tasks,
 log = logging.getLogger(__name__)
 
 SPLITS = {"train": ("QA_train", "SimdomQA_train"), "test": ("QA_test", "SimdomQA_test")}
-#: kept fractions that are specificity terms / coherence terms in :func:`relative`'s output (delta gates)
-RETENTION_KEYS = ("simdom_frac", "control_frac", "ppl_frac")
+#: kept fractions that are coherence terms in :func:`relative`'s output (the delta choice gates on them;
+#: its retention gate covers every specificity term, ember.evals.metrics.retention_terms)
 COHERENCE_KEYS = ("relevance_frac", "fluency_frac")
 PART_ORDER = ("qa", "simdom", "control", "open_qa", "ppl", "coherence", "lm_eval")
 _WARNED: set[str] = set()
@@ -276,6 +276,12 @@ def data_settings(tokenizer: Any, concept: ConceptData, store: ConceptStore, cfg
     anything chosen from evaluations, so a changed question or text invalidates the choice."""
     ctx = EvalContext(None, tokenizer, concept, store, cfg, split)  # type: ignore[arg-type]
     return {name: PARTS[name].settings(ctx) for name in enabled_parts(cfg)}
+
+
+def mc_scorer(cfg: Any, tokenizer: Any) -> Callable[[nn.Module, Any, Sequence[Any]], MCResult]:
+    """Plain multiple choice exactly as :func:`evaluate` scores it (``cfg.mc_mode``, chat wrapping)."""
+    use_chat = EvalContext(None, tokenizer, None, None, cfg, "test").use_chat  # type: ignore[arg-type]
+    return lambda model, tok, qs: score_mc(model, tok, qs, cfg, use_chat=use_chat)
 
 
 def provenance(cfg: Any) -> dict[str, Any]:
