@@ -2,12 +2,22 @@
 
 ``python -m ember.report outputs/<experiment>`` reads the job directories only (no W&B): every
 ``config.yaml`` below the directory is a job, and its ``<concept>/<stage>.json`` files are the
-results. Rows are (model, method, EMBER off/on); columns are the paper's metrics, attack
-accuracies and accuracy after relearning, as mean +- std over concepts and seeds; the best value
-of each column is bold. Writes ``report.md``, ``report.tex``, ``report.csv``, ``rows.csv`` and PNG plots,
-and when the jobs ran attacks or relearning, ``report_attacks.{md,csv}`` (per attack: accuracy under
-attack, the control on the unedited model, the erased accuracy and the recovered fraction) and
-``report_relearn.{md,csv}`` (accuracy after every relearning epoch).
+results. Rows are (model, method, EMBER off/on, plus every override that varies across the jobs:
+``ember.delta`` in ``experiment=ablation_delta``, ``ember.factorization.rank`` in ``ablation_rank``);
+columns are the paper's metrics, attack accuracies and the relearning results, as mean +- std over
+concepts and seeds; the best value of each column is bold. Only stages whose record says
+``"status": "complete"`` count: ``n`` is the number of (job, concept) pairs whose numbers are used,
+and a ``failed`` column (present when there are any) counts the pairs with a failed, skipped or
+otherwise unfinished stage, whose numbers for that stage are left out of the means.
+
+Writes ``report.md``, ``report.tex``, ``report.csv`` (the table), ``rows.csv`` (one row per (job,
+concept)); when the jobs ran attacks, ``report_attacks.{md,csv}`` (per attack: accuracy under attack,
+the control on the unedited model, the erased and the unedited model's plain accuracy as the attack
+scores them, the recovered fraction and that scorer); when they ran relearning,
+``report_relearn.{md,csv}`` (accuracy after every relearning epoch, the control run's accuracy on the
+unedited model and the recovered fraction); and the plots ``relearn_curves.png``,
+``delta_tradeoff.png`` (from the delta grids the jobs chose delta on, or from the evaluate metrics
+of a sweep over ``ember.delta``) and ``attack_accuracy.png``.
 """
 
 from __future__ import annotations
@@ -19,19 +29,28 @@ from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
-COLUMNS = [  # (column, source key, higher is better)
+from ember.evals.metrics import recovered_fraction
+
+COLUMNS = [  # (column, source key, higher is better; None: no best value)
     ("efficacy", "evaluate/efficacy", True),
     ("specificity", "evaluate/specificity", True),
     ("coherence", "evaluate/coherence", True),
     ("harmonic", "evaluate/harmonic", True),
+    ("harmonic_alpaca", "evaluate/harmonic_alpaca", True),  # what the method grid and the delta choice rank by
     ("qa_acc", "evaluate/qa_acc", False),
-    # the relearning stage's metric keys (ember/attacks/relearn.py RelearnResult.metrics); the table read
-    # "relearn/final_qa_acc" and "relearn/regained", which no stage writes, so these columns never showed
+    # the relearning stage's metric keys (ember/attacks/relearn.py RelearnResult.metrics, ember/pipeline.py relearn)
     ("relearn_acc", "relearn/relearn_acc", False),
+    ("relearn_control_acc", "relearn/relearn_control_acc", None),  # the unedited model relearned: a reference
+    ("relearn_recovered", "relearn/relearn_recovered", False),
     ("relearn_retain", "relearn/relearn_retain_acc", True),
 ]
+BASE_FACTORS = ["model", "method", "ember"]
+# overrides that are not factors of a result: seeds and concept selections are averaged over, the rest
+# is bookkeeping
+IGNORED_OVERRIDES = ("seed", "concepts", "hydra", "overwrite", "progress", "logger", "cache_dir")
+_MISSING = object()
 
 
 def _read(p: Path) -> dict[str, Any] | None:
@@ -41,9 +60,94 @@ def _read(p: Path) -> dict[str, Any] | None:
         return None
 
 
+def _complete(rec: dict[str, Any]) -> bool:
+    """A stage record whose numbers count (records without a status, hand-written ones, count)."""
+    return rec.get("status", "complete") == "complete"
+
+
+def _scalar(v: Any) -> Any:
+    """An override value as a table cell: numbers as numbers (so 2 < 10), null as 'null'."""
+    if v is None:
+        return "null"
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, str):
+        try:
+            f = float(v)
+        except ValueError:
+            return v
+    elif isinstance(v, (int, float)):
+        f = float(v)
+    else:
+        return str(v)
+    if math.isfinite(f) and f.is_integer():
+        return int(f)
+    return f
+
+
+def _overrides(meta: dict[str, Any] | None) -> dict[str, str]:
+    """``key=value`` task overrides of a job (``+key``/``++key`` as key; ``~key`` deletes)."""
+    out = {}
+    for o in (meta or {}).get("overrides") or []:
+        if not isinstance(o, str):
+            continue
+        key, sep, val = o.partition("=")
+        out[key.lstrip("+~")] = val if sep else "~"
+    return out
+
+
+def _ignored(key: str) -> bool:
+    return any(key == p or key.startswith((p + ".", p + "/")) for p in IGNORED_OVERRIDES)
+
+
+def _config_value(cfg: DictConfig, key: str) -> Any:
+    """What a job without ``key`` among its overrides ran with (a config group: its name)."""
+    v = OmegaConf.select(cfg, key.replace("/", "."), default=_MISSING)
+    if v is _MISSING:
+        return "-"
+    if isinstance(v, DictConfig):
+        return v.get("name", str(OmegaConf.to_container(v)))
+    if isinstance(v, ListConfig):
+        return str(OmegaConf.to_container(v))
+    return v
+
+
+def _sort_key(v: Any) -> tuple[int, float, str]:
+    if isinstance(v, (int, float)) and not isinstance(v, bool) and not math.isnan(v):
+        return (0, float(v), "")
+    return (1, 0.0, str(v))
+
+
+def _groups(df: pd.DataFrame, keys: list[str]) -> list[tuple[dict[str, Any], pd.DataFrame]]:
+    """``df`` grouped by ``keys``, numbers in numeric order (delta 2 before 10)."""
+    out = [(dict(zip(keys, k if isinstance(k, tuple) else (k,), strict=True)), g)
+           for k, g in df.groupby(keys, sort=False, dropna=False)]
+    return sorted(out, key=lambda kg: tuple(_sort_key(kg[0][k]) for k in keys))
+
+
+def factors(df: pd.DataFrame) -> list[str]:
+    """The columns a table row is a group of: model, method, EMBER and the varying overrides."""
+    return BASE_FACTORS + [k for k in df.attrs.get("factors", []) if k in df.columns]
+
+
+def _varying(jobs: pd.DataFrame, keys: list[str]) -> list[str]:
+    """The override keys that take more than one value across the jobs and are not already told apart by
+    (model, method, EMBER): ``method=rmu,snmf ember=off,on`` adds none, ``ember.delta=1,5`` adds ``ember.delta``."""
+    out = []
+    for k in keys:
+        if _ignored(k) or jobs[k].nunique(dropna=False) < 2:
+            continue
+        if jobs.groupby(BASE_FACTORS, dropna=False)[k].nunique(dropna=False).max() > 1:
+            out.append(k)
+    return out
+
+
 def collect(root: Path) -> pd.DataFrame:
-    """One row per (job, concept) with the job's factors and every stage metric."""
-    rows = []
+    """One row per (job, concept) with the job's factors and the metrics of every complete stage.
+
+    ``<stage>/status`` holds each stage's status; ``failed_stages`` names the stages that did not complete
+    (and ``job`` when the concept raised, FAILED.txt). ``df.attrs["factors"]`` lists the varying overrides."""
+    rows, job_rows = [], []
     for cfg_path in sorted(Path(root).rglob("config.yaml")):
         job = cfg_path.parent
         # only ember job directories (config.yaml beside meta.json): not .hydra/config.yaml, nor the
@@ -51,24 +155,52 @@ def collect(root: Path) -> pd.DataFrame:
         if job.name == ".hydra" or not (job / "meta.json").exists():
             continue
         cfg = OmegaConf.load(cfg_path)
-        factors = {"job": str(job.relative_to(root)), "model": cfg.model.name, "method": cfg.method.name,
-                   "ember": "w/ EMBER" if cfg.ember.enabled else "w/o EMBER", "seed": cfg.seed}
+        factors_ = {"job": str(job.relative_to(root)), "model": cfg.model.name, "method": cfg.method.name,
+                    "ember": "w/ EMBER" if cfg.ember.enabled else "w/o EMBER", "seed": cfg.seed}
+        job_rows.append((factors_, cfg, _overrides(_read(job / "meta.json"))))
         for concept_dir in sorted(p for p in job.iterdir() if p.is_dir() and not p.name.startswith((".", "wandb"))):
-            row: dict[str, Any] = {**factors, "concept": concept_dir.name}
-            for stage_file in concept_dir.glob("*.json"):
+            row: dict[str, Any] = {**factors_, "concept": concept_dir.name}
+            bad = ["job"] if (concept_dir / "FAILED.txt").exists() else []
+            seen = bool(bad)
+            for stage_file in sorted(concept_dir.glob("*.json")):
                 rec = _read(stage_file)
-                if not rec:
+                if not isinstance(rec, dict) or not rec:
                     continue
                 stage = stage_file.stem
+                seen = True
+                if "status" in rec:
+                    row[f"{stage}/status"] = rec["status"]
+                if not _complete(rec):  # a failed/diverged/skipped stage's numbers are no result
+                    bad.append(stage)
+                    continue
                 for k, v in (rec.get("metrics") or {}).items():
                     if isinstance(v, (int, float)) and not isinstance(v, bool):
                         row[f"{stage}/{k}"] = v
                 for k, v in (rec.get("scores") or {}).items() if stage == "evaluate" else []:
-                    if isinstance(v, (int, float)):
+                    if isinstance(v, (int, float)) and not isinstance(v, bool):
                         row[f"evaluate/{k}"] = v
-            if len(row) > len(factors) + 1:
+                for name, a in (rec.get("attacks") or {}).items() if stage == "attacks" else []:
+                    # the plain accuracies the attack's recovered fraction is relative to, scored as the
+                    # attack scores (log-likelihood), not evaluate's qa_acc (letter under eval.mc_mode=letter)
+                    for k, col in (("erased_accuracy", "erased_acc"), ("base_accuracy", "base_acc")):
+                        if isinstance(a.get(k), (int, float)) and not isinstance(a.get(k), bool):
+                            row[f"attacks/{name}_{col}"] = a[k]
+                    if a.get("reference_scorer"):
+                        row[f"attacks/{name}_scorer"] = str(a["reference_scorer"])
+            row["failed_stages"] = ",".join(bad)
+            if seen:
                 rows.append(row)
-    return pd.DataFrame(rows)
+    df = pd.DataFrame(rows)
+    extra: list[str] = []
+    if job_rows and not df.empty:
+        keys = sorted({k for _, _, ov in job_rows for k in ov})
+        jobs = pd.DataFrame([{**f, **{k: _scalar(ov[k]) if k in ov else _scalar(_config_value(cfg, k)) for k in keys}}
+                             for f, cfg, ov in job_rows])
+        extra = _varying(jobs, keys)
+        if extra:
+            df = df.merge(jobs[["job", *extra]], on="job", how="left")
+    df.attrs["factors"] = extra
+    return df
 
 
 def _mean_std(s: pd.Series) -> tuple[float, float]:
@@ -78,57 +210,100 @@ def _mean_std(s: pd.Series) -> tuple[float, float]:
     return float(s.mean()), float(s.std(ddof=0)) if len(s) > 1 else 0.0
 
 
+def attack_names(df: pd.DataFrame) -> list[str]:
+    return sorted({k.split("/", 1)[1].removesuffix("_recovered") for k in df.columns
+                   if k.startswith("attacks/") and k.endswith("_recovered")})
+
+
+def _n_failed(g: pd.DataFrame) -> int:
+    return int((g["failed_stages"].fillna("") != "").sum()) if "failed_stages" in g else 0
+
+
 def paper_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Mean and std per (model, method, EMBER) over concepts and seeds."""
-    cols = [(c, k, hib) for c, k, hib in COLUMNS if k in df.columns]
-    attack_cols = sorted(k for k in df.columns if k.startswith("attacks/") and k.endswith("_acc") and "control" not in k)
+    """Mean and std per (model, method, EMBER, varying overrides) over concepts and seeds.
+
+    ``n``: the (job, concept) pairs with a number in the table; ``failed`` (only when there are any):
+    the pairs with a stage that did not complete, whose numbers of that stage are left out."""
+    keys = factors(df)
+    cols = [(c, k) for c, k, _ in COLUMNS if k in df.columns]
+    cols += [(f"{name}_acc", f"attacks/{name}_acc") for name in attack_names(df) if f"attacks/{name}_acc" in df]
+    any_failed = _n_failed(df) > 0
     out = []
-    for (model, method, ember), g in df.groupby(["model", "method", "ember"], sort=True):
-        row: dict[str, Any] = {"model": model, "method": method, "ember": ember, "n": len(g)}
-        for c, k, _ in cols:
+    for key, g in _groups(df, keys):
+        used = g[[k for _, k in cols]].apply(pd.to_numeric, errors="coerce").notna().any(axis=1).sum() if cols else 0
+        row: dict[str, Any] = {**key, "n": int(used)}
+        if any_failed:
+            row["failed"] = _n_failed(g)
+        for c, k in cols:
             row[c], row[c + "_std"] = _mean_std(g[k])
-        for k in attack_cols:
-            name = k.split("/", 1)[1]
-            row[name], row[name + "_std"] = _mean_std(g[k])
         out.append(row)
     return pd.DataFrame(out)
 
 
 def attack_table(df: pd.DataFrame) -> pd.DataFrame:
-    """Per (model, method, EMBER, attack): accuracy under attack, the control (the same attack on the
-    unedited model), the erased model's plain accuracy and the recovered fraction, means over rows."""
-    names = sorted({k.split("/", 1)[1].removesuffix("_recovered") for k in df.columns
-                    if k.startswith("attacks/") and k.endswith("_recovered")})
+    """Per (factors, attack): accuracy under attack, the control (the same attack on the unedited model),
+    the erased and the unedited model's plain accuracy and the recovered fraction, means over rows. The
+    plain accuracies are attacks.json's ``erased_accuracy``/``base_accuracy``, scored as the attack scores
+    (``scorer``), so the columns compare like with like; '-' where a job's attacks.json predates them."""
+    keys = factors(df)
     out = []
-    for (model, method, ember), g in df.groupby(["model", "method", "ember"], sort=True):
-        for name in names:
-            acc = pd.to_numeric(g.get(f"attacks/{name}_acc"), errors="coerce")
+    for key, g in _groups(df, keys):
+        for name in attack_names(df):
+            col = f"attacks/{name}_acc"
+            acc = pd.to_numeric(g[col], errors="coerce") if col in g else None
             if acc is None or acc.dropna().empty:
                 continue
-            mean = {k: _mean_std(g[c])[0] if c in g else math.nan for k, c in (
-                ("accuracy", f"attacks/{name}_acc"), ("control", f"attacks/{name}_control_acc"),
-                ("erased", "evaluate/qa_acc"), ("recovered", f"attacks/{name}_recovered"))}
-            out.append({"model": model, "method": method, "ember": ember, "attack": name, "n": int(acc.notna().sum()),
-                        **mean})
+            used = g[acc.notna()]
+            mean = {k: _mean_std(used[c])[0] if c in used else math.nan for k, c in (
+                ("accuracy", col), ("control", f"attacks/{name}_control_acc"),
+                ("erased", f"attacks/{name}_erased_acc"), ("base", f"attacks/{name}_base_acc"),
+                ("recovered", f"attacks/{name}_recovered"))}
+            sc = f"attacks/{name}_scorer"
+            scorer = "; ".join(sorted(set(used[sc].dropna().astype(str)))) if sc in used else ""
+            out.append({**key, "attack": name, "n": len(used), **mean, "scorer": scorer or "-"})
     return pd.DataFrame(out)
 
 
-def relearn_table(root: Path, df: pd.DataFrame) -> pd.DataFrame:
-    """The relearning curves: concept accuracy (and retention) after every epoch, mean over jobs/concepts."""
-    rows = []
-    factors = df.drop_duplicates("job").set_index("job")[["model", "method", "ember"]]
-    for p in sorted(root.rglob("relearn_curve.csv")):
+def _relearn_curves(root: Path, df: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame, list[dict[str, Any]]]]:
+    """(job, concept, curve, control curve) of every complete relearning stage of a collected job."""
+    jobs = set(df["job"]) if "job" in df else set()
+    out = []
+    for p in sorted(Path(root).rglob("relearn_curve.csv")):
         job = str(p.parent.parent.relative_to(root))
-        if job not in factors.index:
+        rec = _read(p.parent / "relearn.json") or {}
+        if job not in jobs or not _complete(rec):  # a diverged relearning is no curve
             continue
         c = pd.read_csv(p)
+        if "epoch" in c and "qa_acc" in c:
+            out.append((job, p.parent.name, c, [r for r in rec.get("control_curve") or [] if isinstance(r, dict)]))
+    return out
+
+
+def relearn_table(root: Path, df: pd.DataFrame) -> pd.DataFrame:
+    """The relearning curves: concept accuracy (and retention) after every epoch, the control run's
+    accuracy (the unedited model relearned alike) and the recovered fraction, means over jobs/concepts."""
+    keys = factors(df)
+    by_job = df.drop_duplicates("job").set_index("job")[keys]
+    rows = []
+    for job, _, c, control in _relearn_curves(root, df):
+        ctrl = {int(r["epoch"]): r.get("qa_acc") for r in control if "epoch" in r}
+        base = control[0].get("qa_acc") if control else math.nan  # as ember/pipeline.py relearn: epoch 0 rows
+        erased = c["qa_acc"].iloc[0] if len(c) else math.nan
         for _, r in c.iterrows():
-            rows.append({**factors.loc[job].to_dict(), "epoch": int(r["epoch"]), "qa_acc": r.get("qa_acc"),
-                         "retain_acc": r.get("retain_acc")})
+            e = int(r["epoch"])
+            rows.append({**by_job.loc[job].to_dict(), "epoch": e, "qa_acc": r.get("qa_acc"),
+                         "retain_acc": r.get("retain_acc"), "control_qa_acc": ctrl.get(e, math.nan),
+                         "recovered": recovered_fraction(r.get("qa_acc"), erased, base)})
     if not rows:
         return pd.DataFrame()
-    t = pd.DataFrame(rows).groupby(["model", "method", "ember", "epoch"], sort=True)
-    return t.agg(n=("qa_acc", "size"), qa_acc=("qa_acc", "mean"), retain_acc=("retain_acc", "mean")).reset_index()
+    t = pd.DataFrame(rows)
+    for c in ("qa_acc", "retain_acc", "control_qa_acc", "recovered"):
+        t[c] = pd.to_numeric(t[c], errors="coerce")
+    out = []
+    for key, g in _groups(t, [*keys, "epoch"]):
+        out.append({**key, "n": len(g), **{c: g[c].mean() for c in ("qa_acc", "retain_acc", "control_qa_acc",
+                                                                     "recovered")}})
+    return pd.DataFrame(out)
 
 
 def plain_markdown(t: pd.DataFrame) -> str:
@@ -148,30 +323,66 @@ def _fmt(mean: float, std: float, bold: bool, latex: bool) -> str:
     return txt
 
 
+def _cell(v: Any) -> str:
+    return f"{v:g}" if isinstance(v, float) else str(v)
+
+
 def render(table: pd.DataFrame, latex: bool = False) -> str:
-    metric_cols = [c for c in table.columns if c not in ("model", "method", "ember", "n") and not c.endswith("_std")]
+    metric_cols = [c for c in table.columns if f"{c}_std" in table.columns]
+    key_cols = [c for c in table.columns if c not in metric_cols and not c.endswith("_std")]
     higher = {c: hib for c, _, hib in COLUMNS}
     best = {}
     for c in metric_cols:
         vals = pd.to_numeric(table[c], errors="coerce")
-        if vals.notna().any():
-            best[c] = vals.max() if higher.get(c, False) else vals.min()
+        hib = higher.get(c, False)
+        if vals.notna().any() and hib is not None:
+            best[c] = vals.max() if hib else vals.min()
     lines = []
-    header = ["model", "method", "EMBER", "n", *metric_cols]
+    header = ["EMBER" if c == "ember" else c for c in key_cols] + metric_cols
     for _, r in table.iterrows():
-        cells = [r["model"], r["method"], r["ember"], str(r["n"])]
+        cells = [_cell(r[c]) for c in key_cols]
         for c in metric_cols:
             cells.append(_fmt(r[c], r[c + "_std"], c in best and r[c] == best[c], latex))
         lines.append(cells)
     if latex:
-        spec = "l" * 4 + "r" * len(metric_cols)
+        spec = "l" * len(key_cols) + "r" * len(metric_cols)
         body = [" & ".join(h.replace("_", r"\_") for h in header) + r" \\ \midrule"]
         body += [" & ".join(str(x).replace("_", r"\_") if not str(x).startswith("\\") else str(x) for x in row) + r" \\"
                  for row in lines]
         return "\\begin{tabular}{" + spec + "}\n\\toprule\n" + "\n".join(body) + "\n\\bottomrule\n\\end{tabular}\n"
     md = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     md += ["| " + " | ".join(str(x) for x in row) + " |" for row in lines]
+    if "failed" in key_cols:
+        md += ["", "failed: (job, concept) pairs with a stage that did not complete (failed, skipped, ...); that "
+               "stage's numbers are left out of the means, and n counts the pairs whose numbers are used."]
     return "\n".join(md) + "\n"
+
+
+TRADEOFF = [("efficacy", "evaluate/efficacy"), ("specificity", "evaluate/specificity"),
+            ("coherence", "evaluate/coherence"), ("harmonic", "evaluate/harmonic"),
+            ("harmonic_alpaca", "evaluate/harmonic_alpaca")]
+
+
+def _delta_sweep_plot(ax: Any, df: pd.DataFrame) -> bool:
+    """The trade-off over a sweep of ``ember.delta``: the evaluate metrics (test split) against delta."""
+    d = df[df["ember"] == "w/ EMBER"].copy()
+    d["_delta"] = pd.to_numeric(d["ember.delta"], errors="coerce")
+    d = d.dropna(subset=["_delta"])
+    metrics = [(c, k) for c, k in TRADEOFF if k in d and pd.to_numeric(d[k], errors="coerce").notna().any()]
+    if d.empty or not metrics:
+        return False
+    others = [k for k in factors(df) if k not in ("ember", "ember.delta")]
+    many = len(_groups(d, others)) > 1
+    for key, g in _groups(d, others):
+        m = g.groupby("_delta")[[k for _, k in metrics]].mean(numeric_only=True).sort_index()
+        suffix = (" " + " ".join(_cell(v) for v in key.values())) if many else ""
+        for c, k in metrics:
+            ax.plot(m.index, m[k], marker="o", label=(c + suffix)[:60])
+    if (d["_delta"] > 0).all():
+        ax.set_xscale("log")
+    ax.set_xlabel("delta (ember.delta)")
+    ax.set_ylabel("score (evaluate, test split)")
+    return True
 
 
 def plots(root: Path, df: pd.DataFrame, out: Path) -> list[Path]:
@@ -181,13 +392,16 @@ def plots(root: Path, df: pd.DataFrame, out: Path) -> list[Path]:
     import matplotlib.pyplot as plt
 
     made = []
-    curves = list(root.rglob("relearn_curve.csv"))
+    curves = _relearn_curves(root, df)
     if curves:
         fig, ax = plt.subplots(figsize=(6, 4))
-        for p in curves:
-            c = pd.read_csv(p)
-            if "epoch" in c and "qa_acc" in c:
-                ax.plot(c["epoch"], c["qa_acc"], marker="o", label=str(p.parent.relative_to(root))[:60])
+        for job, concept, c, control in curves:
+            label = f"{job}/{concept}"[-60:]
+            (line,) = ax.plot(c["epoch"], c["qa_acc"], marker="o", label=label)
+            ctrl = pd.DataFrame(control)
+            if {"epoch", "qa_acc"} <= set(ctrl.columns):  # the unedited model relearned alike, beside it
+                ax.plot(ctrl["epoch"], ctrl["qa_acc"], linestyle="--", color=line.get_color(),
+                        label=f"{label[:48]} (control)")
         ax.set_xlabel("relearning epoch")
         ax.set_ylabel("concept QA accuracy")
         ax.legend(fontsize=6)
@@ -195,25 +409,28 @@ def plots(root: Path, df: pd.DataFrame, out: Path) -> list[Path]:
         made.append(out / "relearn_curves.png")
         fig.savefig(made[-1], dpi=120)
         plt.close(fig)
-    grids = list(root.rglob("delta_grid.csv"))
-    if grids:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        for p in grids:
-            g = pd.read_csv(p)
-            if {"efficacy", "specificity"} <= set(g.columns):
-                ax.plot(g["specificity"], g["efficacy"], marker="o", label=str(p.parent.relative_to(root))[:60])
-                for _, r in g.iterrows():
-                    ax.annotate(f"{r['delta']:g}", (r["specificity"], r["efficacy"]), fontsize=6)
-        ax.set_xlabel("specificity")
-        ax.set_ylabel("efficacy")
+    fig, ax = plt.subplots(figsize=(6, 4))
+    drawn = "ember.delta" in factors(df) and _delta_sweep_plot(ax, df)
+    grids = [] if drawn else list(root.rglob("delta_grid.csv"))
+    for p in grids:
+        g = pd.read_csv(p)
+        if {"efficacy", "specificity"} <= set(g.columns):
+            drawn = True
+            ax.plot(g["specificity"], g["efficacy"], marker="o", label=str(p.parent.relative_to(root))[:60])
+            for _, r in g.iterrows():
+                ax.annotate(f"{r['delta']:g}", (r["specificity"], r["efficacy"]), fontsize=6)
+            ax.set_xlabel("specificity")
+            ax.set_ylabel("efficacy")
+    if drawn:
         ax.legend(fontsize=6)
         fig.tight_layout()
         made.append(out / "delta_tradeoff.png")
         fig.savefig(made[-1], dpi=120)
-        plt.close(fig)
-    attack_cols = [k for k in df.columns if k.startswith("attacks/") and k.endswith("_acc") and "control" not in k]
+    plt.close(fig)
+    attack_cols = [f"attacks/{n}_acc" for n in attack_names(df) if f"attacks/{n}_acc" in df]
     if attack_cols:
-        g = df.groupby(["method", "ember"])[attack_cols].mean(numeric_only=True)
+        keys = [k for k in factors(df) if k != "model" or df["model"].nunique() > 1]
+        g = df.groupby(keys, sort=False, dropna=False)[attack_cols].mean(numeric_only=True)
         ax = g.T.plot.bar(figsize=(7, 4))
         ax.set_ylabel("accuracy under attack")
         ax.set_xticklabels([c.split("/", 1)[1].removesuffix("_acc") for c in attack_cols], rotation=30)

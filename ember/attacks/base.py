@@ -25,6 +25,7 @@ from typing import Any, Protocol
 from torch import nn
 
 from ember.errors import ConfigError
+from ember.evals.metrics import recovered_fraction  # noqa: F401  (re-exported: part of the attack protocol)
 
 
 @dataclass
@@ -87,17 +88,6 @@ class AttackResult:
 class AttackFn(Protocol):
     def __call__(self, model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
                  ctx: AttackContext) -> AttackResult: ...
-
-
-def recovered_fraction(attacked_acc: float, erased_acc: float, base_acc: float) -> float:
-    """(attacked - erased) / (base - erased), clipped to [0, 1]; NaN when base <= erased (no gap)."""
-    vals = (attacked_acc, erased_acc, base_acc)
-    if any(v is None or not math.isfinite(v) for v in vals):
-        return float("nan")
-    gap = base_acc - erased_acc
-    if gap <= 0:
-        return float("nan")
-    return min(1.0, max(0.0, (attacked_acc - erased_acc) / gap))
 
 
 def summary_row(attacked: AttackResult, control: AttackResult | None, erased_acc: float, base_acc: float,

@@ -104,6 +104,18 @@ def retention_terms(fracs: Mapping[str, Any]) -> dict[str, float]:
     return {k: float(fracs[k]) for k in keys}
 
 
+def recovered_fraction(attacked_acc: Any, erased_acc: Any, base_acc: Any) -> float:
+    """How much of the base-to-erased gap an attack won back: (attacked - erased) / (base - erased),
+    clipped to [0, 1]; NaN when base <= erased (no gap) or any value is missing or not finite."""
+    try:
+        a, e, b = float(attacked_acc), float(erased_acc), float(base_acc)
+    except (TypeError, ValueError):
+        return float("nan")
+    if not all(map(math.isfinite, (a, e, b))) or b - e <= 0:
+        return float("nan")
+    return min(1.0, max(0.0, (a - e) / (b - e)))
+
+
 def paper_metrics(fracs: Mapping[str, Any], min_coherence: float | None = None) -> dict[str, Any]:
     """efficacy, specificity, coherence, harmonic and harmonic_alpaca from kept fractions.
 
