@@ -5,8 +5,10 @@ from __future__ import annotations
 import json
 import logging
 import platform
+import re
 import subprocess
 import sys
+import uuid
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -95,8 +97,42 @@ class JobFiles:
         atomic_write_json(self.root / "meta.json", {"overrides": overrides, "environment": environment_info()})
 
 
+RUN_ID_FILE = "ember-run-id"  # under <job dir>/wandb/, beside W&B's own run directories
+_RUN_ID = re.compile(r"[a-z0-9]{1,64}")
+
+
+def wandb_run_id(job_dir: Path) -> str:
+    """The W&B run id of a job directory: made once, kept in ``<job dir>/wandb/ember-run-id`` and read
+    back on every later launch there, so a job resumed after a crash, a kill or a Slurm requeue
+    continues its W&B run instead of opening a second one with the same name.
+
+    The id is random (16 characters of [0-9a-f]; W&B allows up to 64 of [a-z0-9]), not derived from
+    the path, so it stays unique where a path would not: the same path on two machines logging to one
+    project, or a job directory deleted and run again from scratch (a new run, not the old one's
+    history continued).
+    """
+    path = Path(job_dir).resolve() / "wandb" / RUN_ID_FILE
+    try:
+        stored = path.read_text().strip()
+    except OSError:
+        stored = ""
+    if _RUN_ID.fullmatch(stored):
+        return stored
+    run_id = uuid.uuid4().hex[:16]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, run_id + "\n")
+    return run_id
+
+
 class WandbLogger:
-    """One W&B run per job; a no-op when ``logger=none``."""
+    """One W&B run per job directory; a no-op when ``logger=none``.
+
+    The run id is the job directory's (``wandb_run_id``) and ``resume="allow"``: a relaunch of an
+    unfinished job continues the same run (online: the same run page; offline: each launch writes an
+    ``offline-run-<time>-<id>`` directory with that one id, and ``wandb sync`` uploads them to one run).
+    Only the stages computed in a launch are logged by it; a job whose stages are all complete opens
+    no run.
+    """
 
     def __init__(self, cfg: DictConfig, job_dir: Path, job_name: str, concepts: list[str]):
         self.run = None
@@ -110,6 +146,7 @@ class WandbLogger:
             project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(job_dir),
             config=OmegaConf.to_container(cfg, resolve=True), group=cfg.experiment_name, name=job_name,
             job_type="ember-job", tags=[t[:64] for t in tags], reinit="finish_previous",
+            id=wandb_run_id(job_dir), resume="allow",
         )
 
     def summary(self, prefix: str, metrics: dict[str, Any]) -> None:
