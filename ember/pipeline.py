@@ -10,6 +10,7 @@ erased model is rebuilt deterministically when a later stage still has to run.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -199,8 +200,8 @@ class ConceptRun:
             return 0.0, []
         key = {"model": self.lm.facts.source, "concept": self.concept.name,
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
-               "fact": OmegaConf.to_container(e.factorization), "grid": list(e.delta_grid),
-               "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval),
+               "fact": OmegaConf.to_container(e.factorization, resolve=True), "grid": list(e.delta_grid),
+               "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
                "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid],
                "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
@@ -210,8 +211,20 @@ class ConceptRun:
         cheap = [p for p in parts if p not in ("coherence", "open_qa", "lm_eval")]
 
         holder: dict[str, Any] = {}
+        # every scored delta is logged as it finishes, so an interrupted grid resumes (the choice itself is
+        # cached only once the grid is done)
+        from ember.cache import key_hash
+        from ember.resume_log import append_jsonl, read_jsonl
+
+        progress_log, context = self.files.concept_dir(self.slug) / "delta_grid.jsonl", key_hash(key)
+        if self.cfg.overwrite:
+            progress_log.unlink(missing_ok=True)
+        scored = {float(r["cell"]): r["row"] for r in read_jsonl(progress_log, context).values()}
 
         def score(delta: float) -> dict[str, Any]:
+            if delta in scored:
+                log.info("[%s] delta %-6g scored before this job was interrupted: reused", self.concept.name, delta)
+                return scored[delta]
             if "model" not in holder:  # built only when the choice is not cached
                 holder["model"] = copy.deepcopy(self.lm.model)
                 holder["editor"] = EmbeddingEditor(holder["model"], self.lm.facts.embed_scale)
@@ -231,7 +244,9 @@ class ConceptRun:
             log.info("[%s] delta %-6g efficacy %.3f specificity %.3f coherence %s harmonic %.3f", self.concept.name,
                      delta, rel.get("efficacy", float("nan")), rel.get("specificity", float("nan")),
                      f"{rel.get('coherence', float('nan')):.3f}", rel.get("harmonic", float("nan")))
-            return {k: v for k, v in rel.items() if isinstance(v, (int, float))}
+            row = {k: v for k, v in rel.items() if isinstance(v, (int, float))}
+            append_jsonl(progress_log, {"cell": repr(float(delta)), "context": context, "row": row})
+            return row
 
         def build() -> dict[str, Any]:
             choice = choose_delta(list(e.delta_grid), score, None, COHERENCE_KEYS,
@@ -343,13 +358,17 @@ class ConceptRun:
         if status == "failed":  # top-level reason, as every failed stage has (read by the sweep summary)
             result["reason"] = f"method {mrep.name} {mrep.status}: {mrep.reason}"
         result["edited_token_ids"] = self.edited_ids
-        if status == "complete" and self.cfg.save_erased_weights and not done:
+        if status == "complete" and self.cfg.save_erased_weights:
             from ember.erased_weights import save_diff
 
             result["erased_weights"] = save_diff(self.files.concept_dir(self.slug) / "erased_weights.safetensors",
                                                  self.lm.model, self.work)
-        if done:
-            return self.files.read_stage(self.slug, "erase")
+        if done:  # recomputed because the saved weights were missing or corrupt: save them again
+            rec = self.files.read_stage(self.slug, "erase") or {}
+            if "erased_weights" in result:
+                rec["erased_weights"] = result["erased_weights"]
+                self.files.write_stage(self.slug, "erase", rec, rec.get("status", "complete"))
+            return rec
         return self._finish("erase", result, t0, status)
 
     def _reload_erased(self) -> bool:
@@ -391,8 +410,6 @@ class ConceptRun:
         return self._finish("evaluate", {"scores": scores, "metrics": rel}, t0)
 
     def attacks(self) -> dict[str, Any]:
-        from ember.attacks import ATTACKS, AttackContext, attack_code_version, recovered_fraction
-
         t0 = time.perf_counter()
         spec = self.cfg.attacks or {}
         enabled = list(spec.get("enabled", []))
@@ -400,41 +417,97 @@ class ConceptRun:
         out, rows, metrics = {}, [], {}
         for name in enabled:
             settings = OmegaConf.to_container(spec.get(name, {}) or {}, resolve=True)
-            # max_questions: attacks score the same (capped) QA_test questions as baseline/evaluate, so the
-            # recovered fraction compares like with like (without it they scored every question)
-            ctx = AttackContext(edited_token_ids=self.edited_ids, seed=self.cfg.seed, progress=self._progress(),
-                                template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
-                                max_questions=self.cfg.eval.max_questions)
-            seed_everything(self.cfg.seed)
-            t_attack = time.perf_counter()
-            attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
-            t_attack = time.perf_counter() - t_attack
-            key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
-                   "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
-                   "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name),
-                   "template": self.cfg.eval.prompt_template, "data": self.concept.fingerprint()}
-
-            def control(name: str = name, settings: dict = settings, ctx: Any = ctx) -> Any:
-                seed_everything(self.cfg.seed)
-                return ATTACKS[name](self.lm.model, self.lm.tokenizer, self.concept, settings, ctx)
-
-            t_control = time.perf_counter()
-            ctrl = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
-            t_control = time.perf_counter() - t_control  # about 0 when the control came from the cache
-            rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
-            out[name] = {"accuracy": attacked.accuracy, "control_accuracy": ctrl.accuracy, "erased_accuracy": erased_acc,
-                         "base_accuracy": base_acc, "reference_scorer": reference,
-                         "recovered_fraction": rec, "per_variant": attacked.per_variant,
-                         "control_per_variant": ctrl.per_variant, "extra": attacked.extra,
-                         "seconds": round(t_attack, 3), "control_seconds": round(t_control, 3)}
-            metrics.update({f"{name}_acc": attacked.accuracy, f"{name}_control_acc": ctrl.accuracy,
-                            f"{name}_recovered": rec})
-            rows += [{"attack": name, **r} for r in attacked.rows]
-            log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f) in %.1fs + %.1fs control",
-                     self.concept.name, name, attacked.accuracy, ctrl.accuracy, rec, t_attack, t_control)
+            # each attack's result is kept in the job directory as soon as it is done: a crash in a later
+            # attack (or a kill) loses nothing already computed; a resumed job reuses it
+            done = self._partial_result(f"attack_{name}", settings)
+            if done is None:
+                done = self._one_attack(name, settings, erased_acc, base_acc, reference)
+                self._save_partial(f"attack_{name}", settings, done)
+            out[name] = done["out"]
+            metrics.update(done["metrics"])
+            rows += done["rows"]
         if rows:
             self.files.write_table(self.slug, "attack_questions", rows)
-        return self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
+        result = self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
+        self._clear_partials("attack_")
+        return result
+
+    def _one_attack(self, name: str, settings: dict[str, Any], erased_acc: float | None, base_acc: float | None,
+                    reference: str) -> dict[str, Any]:
+        """One attack on the erased model and its control on the unedited model (cached across jobs)."""
+        from ember.attacks import ATTACKS, AttackContext, attack_code_version, recovered_fraction
+
+        # max_questions: attacks score the same (capped) QA_test questions as baseline/evaluate, so the
+        # recovered fraction compares like with like (without it they scored every question)
+        ctx = AttackContext(edited_token_ids=self.edited_ids, seed=self.cfg.seed, progress=self._progress(),
+                            template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size,
+                            max_questions=self.cfg.eval.max_questions)
+        seed_everything(self.cfg.seed)
+        t_attack = time.perf_counter()
+        attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
+        t_attack = time.perf_counter() - t_attack
+        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
+               "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
+               "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name),
+               "template": self.cfg.eval.prompt_template, "data": self.concept.fingerprint()}
+
+        def control() -> Any:
+            seed_everything(self.cfg.seed)
+            return ATTACKS[name](self.lm.model, self.lm.tokenizer, self.concept, settings, ctx)
+
+        t_control = time.perf_counter()
+        ctrl = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
+        t_control = time.perf_counter() - t_control  # about 0 when the control came from the cache
+        rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
+        log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f) in %.1fs + %.1fs control",
+                 self.concept.name, name, attacked.accuracy, ctrl.accuracy, rec, t_attack, t_control)
+        return {
+            "out": {"accuracy": attacked.accuracy, "control_accuracy": ctrl.accuracy, "erased_accuracy": erased_acc,
+                    "base_accuracy": base_acc, "reference_scorer": reference,
+                    "recovered_fraction": rec, "per_variant": attacked.per_variant,
+                    "control_per_variant": ctrl.per_variant, "extra": attacked.extra,
+                    "seconds": round(t_attack, 3), "control_seconds": round(t_control, 3)},
+            "metrics": {f"{name}_acc": attacked.accuracy, f"{name}_control_acc": ctrl.accuracy,
+                        f"{name}_recovered": rec},
+            "rows": [{"attack": name, **r} for r in attacked.rows],
+        }
+
+    # -- results kept while a stage runs (crash safety) ------------------------------------------
+    def _partial_path(self, name: str) -> Path:
+        return self.files.concept_dir(self.slug) / "partial" / f"{name}.json"
+
+    def _partial_context(self, settings: dict[str, Any]) -> str:
+        """What a kept result depends on: its settings, the erased model (the erase record's bytes: a
+        re-erased model invalidates it), the seed and the evaluation settings."""
+        import hashlib
+
+        from ember.cache import key_hash
+
+        erase = self.files.stage_path(self.slug, "erase")
+        erased = hashlib.sha256(erase.read_bytes()).hexdigest()[:16] if erase.exists() else ""
+        return key_hash({"settings": settings, "erase": erased, "seed": self.cfg.seed,
+                         "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
+                         "data": self.concept.fingerprint()})
+
+    def _partial_result(self, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+        p = self._partial_path(name)
+        if self.cfg.overwrite or not p.exists():
+            return None
+        try:
+            rec = json.loads(p.read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        if rec.get("context") != self._partial_context(settings):
+            return None
+        log.info("[%s] %s finished before this job was interrupted: reused from %s", self.concept.name, name, p.name)
+        return rec["result"]
+
+    def _save_partial(self, name: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
+        atomic_write_json(self._partial_path(name), {"context": self._partial_context(settings), "result": result})
+
+    def _clear_partials(self, prefix: str) -> None:
+        for p in self._partial_path("x").parent.glob(f"{prefix}*.json"):
+            p.unlink(missing_ok=True)
 
     def _attack_reference_accuracies(self) -> tuple[float | None, float | None, str]:
         """The erased and the unedited model's plain QA_test accuracy, scored as the prompting attacks
@@ -464,8 +537,11 @@ class ConceptRun:
                             max_questions=self.cfg.eval.max_questions,  # the same capped questions as evaluate
                             mc_scorer=mc_scorer(self.cfg.eval, self.lm.tokenizer))
         settings = OmegaConf.to_container(self.cfg.relearn, resolve=True)
-        seed_everything(self.cfg.seed)
-        res = run_relearn(self.work, self.lm.tokenizer, self.concept, settings, ctx).to_dict()
+        res = self._partial_result("relearn", settings)  # kept before the control runs (crash safety)
+        if res is None:
+            seed_everything(self.cfg.seed)
+            res = run_relearn(self.work, self.lm.tokenizer, self.concept, settings, ctx).to_dict()
+            self._save_partial("relearn", settings, res)
         curve = res.get("curve", [])
         metrics = dict(res.get("metrics", {}))
         control = self._relearn_control(settings, ctx, run_relearn, provenance)
@@ -483,7 +559,9 @@ class ConceptRun:
         self.files.write_table(self.slug, "relearn_curve", curve)
         self.logger.table(f"{self.slug}/relearn_curve", curve)
         status = "complete" if res.get("status", "ok") == "ok" else "failed"
-        return self._finish("relearn", {**res, "metrics": metrics}, t0, status)
+        result = self._finish("relearn", {**res, "metrics": metrics}, t0, status)
+        self._clear_partials("relearn")
+        return result
 
     def _relearn_control(self, settings: dict[str, Any], ctx: Any, run_relearn: Any,
                          provenance: Any) -> dict[str, Any] | None:

@@ -24,7 +24,6 @@ import itertools
 import json
 import logging
 import math
-import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -32,6 +31,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from ember.delta import passes_gates, ranking_value
+from ember.resume_log import append_jsonl, read_jsonl
 
 log = logging.getLogger("ember")
 
@@ -45,36 +45,6 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
 
 def cell_id(params: dict[str, Any]) -> str:
     return json.dumps(params, sort_keys=True, default=str)
-
-
-def read_jsonl(path: Path, context: str) -> dict[str, dict[str, Any]]:
-    """Complete records made under ``context``, by cell id (a torn final line from a killed job is skipped)."""
-    out: dict[str, dict[str, Any]] = {}
-    if not path.exists():
-        return out
-    stale = 0
-    for line in path.read_text().splitlines():
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if rec.get("context", "") != context:
-            stale += 1
-            continue
-        out[rec["cell"]] = rec
-    if stale:
-        log.info("%s: %d record(s) from another evaluation context are ignored and scored again", path.name, stale)
-    return out
-
-
-def append_jsonl(path: Path, rec: dict[str, Any]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    data = path.read_bytes() if path.exists() else b""
-    prefix = b"" if not data or data.endswith(b"\n") else b"\n"  # never glue onto a torn line
-    with open(path, "ab") as fh:
-        fh.write(prefix + (json.dumps(rec, default=str) + "\n").encode())
-        fh.flush()
-        os.fsync(fh.fileno())
 
 
 def _finite(x: Any) -> float:

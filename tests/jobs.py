@@ -215,7 +215,7 @@ def check_job_files(job: Path) -> dict[str, int]:
                 try:
                     cells.append(json.loads(line)["cell"])
                 except ValueError:
-                    counts["torn_jsonl_lines"] += 1  # ignored by ember.search.read_jsonl by design
+                    counts["torn_jsonl_lines"] += 1  # ignored by ember.resume_log.read_jsonl by design
             assert len(cells) == len(set(cells)), f"{p}: duplicate cells {sorted(cells)}"
             counts["jsonl"] += 1
             counts["jsonl_records"] += len(cells)

@@ -96,7 +96,7 @@ def _verify_against_reference(job: Path, ref: Path) -> dict:
     assert diffs == [], "\n".join(diffs[:20])
     tdiffs = jobs.diff_tables(jobs.csv_tables(ref), jobs.csv_tables(job), TOL)
     assert tdiffs == [], "\n".join(tdiffs[:20])
-    for name in ("grid.jsonl", "grid_validate.jsonl"):
+    for name in ("grid.jsonl", "grid_validate.jsonl", "delta_grid.jsonl"):
         assert _cells(job / "Harry_Potter" / name) == _cells(ref / "Harry_Potter" / name), name
     counts = jobs.check_job_files(job)
     return {"max_abs_diff": worst, **counts}
@@ -118,7 +118,7 @@ def _kill_campaign(tmp: Path, n_kills: int, seed: int, kills_per_episode: int) -
     jobs.run_ember([*KILL_JOB, f"hydra.run.dir={ref}"], cache_ref, timeout=600)
     t_ref = time.perf_counter() - t0
     ref_counts = jobs.check_job_files(ref)
-    assert ref_counts["jsonl"] == 2 and ref_counts["csv"] >= 6
+    assert ref_counts["jsonl"] == 3 and ref_counts["csv"] >= 6  # the method grid, its validation, the delta grid
     ref_recs = jobs.stage_records(ref)
     assert all(r["status"] == "complete" for r in ref_recs.values())
     stage_s = {k.split("/")[1]: float(r.get("seconds", 0.0)) for k, r in ref_recs.items()}

@@ -233,6 +233,44 @@ def test_attacks_and_relearning_compare_like_with_like_in_letter_mode(tmp_path):
     assert {p: p.stat().st_mtime_ns for p in controls} == controls  # read, not rebuilt
 
 
+@pytest.mark.timeout(300)
+def test_a_failing_attack_loses_nothing_already_computed(tmp_path):
+    """The jailbreak finishes, in-context priming fails: the jailbreak's result is kept and reused."""
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    common = ["attacks=prompting", "attacks.enabled=[jailbreak,incontext]", "attacks.jailbreak.templates=[answer_only]",
+              f"hydra.run.dir={job}"]
+    failed = jobs.run_ember([*common, "attacks.incontext.source=[bogus]"], cache, check=False)
+    assert failed.returncode != 0
+    (concept,) = jobs.concept_dirs(job)
+    assert (concept / "partial" / "attack_jailbreak.json").exists()
+    again = jobs.run_ember(common, cache)
+    assert "attack_jailbreak finished before this job was interrupted: reused" in again.stdout + again.stderr
+    attacks = jobs.read_json(concept / "attacks.json")
+    assert attacks["status"] == "complete" and set(attacks["attacks"]) == {"jailbreak", "incontext"}
+    assert not list((concept / "partial").glob("attack_*.json"))  # cleared once the stage is complete
+
+
+@pytest.mark.timeout(300)
+def test_an_interrupted_delta_grid_reuses_the_deltas_it_scored(tmp_path):
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    args = ["ember.delta=null", "ember.delta_grid=[2.0,5.0]", "stages=[baseline,features,erase]", f"hydra.run.dir={job}"]
+    jobs.run_ember(args, cache)
+    (concept,) = jobs.concept_dirs(job)
+    first = jobs.read_json(concept / "erase.json")
+    assert len((concept / "delta_grid.jsonl").read_text().splitlines()) == 2
+    # as if killed after the grid was scored but before its choice was cached and the stage finished
+    import shutil
+
+    shutil.rmtree(cache / "delta_choice")
+    (concept / "erase.json").unlink()
+    again = jobs.run_ember(args, cache)
+    log = again.stdout + again.stderr
+    assert log.count("scored before this job was interrupted: reused") == 2
+    assert jobs.diff_values(jobs.read_json(concept / "erase.json")["delta_grid"], first["delta_grid"], 0) == []
+
+
 @pytest.mark.timeout(200)
 def test_a_concept_ember_cannot_edit_is_reported_not_silent(tmp_path):
     cache = jobs.make_cache(tmp_path / "cache")
@@ -293,3 +331,12 @@ def test_resume_after_erase_reloads_the_erased_weights(sweep2x2, tmp_path):
     got = jobs.read_json(concept / "evaluate.json")["metrics"]
     want = jobs.read_json(ref_concept / "evaluate.json")["metrics"]
     assert jobs.diff_values(got, want, 1e-6) == []
+
+    # the saved weights lost: a later stage that needs the model erases again and saves them again
+    (concept / saved["file"]).unlink()
+    jobs.run_ember([*common, "stages=[baseline,features,erase,evaluate,relearn]", "relearn=full",
+                    "relearn.max_paragraphs=1", "relearn.epochs=1", "relearn.control=false"], sweep2x2["cache"])
+    again = jobs.read_json(concept / "erase.json")["erased_weights"]
+    assert (concept / again["file"]).stat().st_size == again["bytes"] > 0
+    assert again["sha256"] == saved["sha256"]  # the same erasure (seeded), saved again
+    assert jobs.read_json(concept / "relearn.json")["status"] == "complete"
