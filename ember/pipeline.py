@@ -10,7 +10,6 @@ erased model is rebuilt deterministically when a later stage still has to run.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import math
 import time
@@ -429,7 +428,7 @@ class ConceptRun:
         if rows:
             self.files.write_table(self.slug, "attack_questions", rows)
         result = self._finish("attacks", {"attacks": out, "metrics": metrics}, t0)
-        self._clear_partials("attack_")
+        self.files.clear_partials(self.slug, "attack_")
         return result
 
     def _one_attack(self, name: str, settings: dict[str, Any], erased_acc: float | None, base_acc: float | None,
@@ -473,9 +472,6 @@ class ConceptRun:
         }
 
     # -- results kept while a stage runs (crash safety) ------------------------------------------
-    def _partial_path(self, name: str) -> Path:
-        return self.files.concept_dir(self.slug) / "partial" / f"{name}.json"
-
     def _partial_context(self, settings: dict[str, Any]) -> str:
         """What a kept result depends on: its settings, the erased model (the erase record's bytes: a
         re-erased model invalidates it), the seed and the evaluation settings."""
@@ -490,24 +486,15 @@ class ConceptRun:
                          "data": self.concept.fingerprint()})
 
     def _partial_result(self, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
-        p = self._partial_path(name)
-        if self.cfg.overwrite or not p.exists():
+        if self.cfg.overwrite:
             return None
-        try:
-            rec = json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        if rec.get("context") != self._partial_context(settings):
-            return None
-        log.info("[%s] %s finished before this job was interrupted: reused from %s", self.concept.name, name, p.name)
-        return rec["result"]
+        got = self.files.read_partial(self.slug, name, self._partial_context(settings))
+        if got is not None:
+            log.info("[%s] %s finished before this job was interrupted: reused", self.concept.name, name)
+        return got
 
     def _save_partial(self, name: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
-        atomic_write_json(self._partial_path(name), {"context": self._partial_context(settings), "result": result})
-
-    def _clear_partials(self, prefix: str) -> None:
-        for p in self._partial_path("x").parent.glob(f"{prefix}*.json"):
-            p.unlink(missing_ok=True)
+        self.files.write_partial(self.slug, name, self._partial_context(settings), result)
 
     def _attack_reference_accuracies(self) -> tuple[float | None, float | None, str]:
         """The erased and the unedited model's plain QA_test accuracy, scored as the prompting attacks
@@ -560,7 +547,7 @@ class ConceptRun:
         self.logger.table(f"{self.slug}/relearn_curve", curve)
         status = "complete" if res.get("status", "ok") == "ok" else "failed"
         result = self._finish("relearn", {**res, "metrics": metrics}, t0, status)
-        self._clear_partials("relearn")
+        self.files.clear_partials(self.slug, "relearn")
         return result
 
     def _relearn_control(self, settings: dict[str, Any], ctx: Any, run_relearn: Any,

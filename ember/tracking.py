@@ -62,6 +62,26 @@ class JobFiles:
     def stage_path(self, concept_slug: str, stage: str) -> Path:
         return self.concept_dir(concept_slug) / f"{stage}.json"
 
+    # results kept while a stage runs (each attack, the relearning before its control): a crash in the
+    # middle of a stage loses only the piece in progress; ``context`` says what a result depends on
+    def partial_path(self, concept_slug: str, name: str) -> Path:
+        return self.concept_dir(concept_slug) / "partial" / f"{name}.json"
+
+    def read_partial(self, concept_slug: str, name: str, context: str) -> dict[str, Any] | None:
+        """The kept result, or None when there is none, it does not parse, or it was made under another context."""
+        try:
+            rec = json.loads(self.partial_path(concept_slug, name).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        return rec.get("result") if isinstance(rec, dict) and rec.get("context") == context else None
+
+    def write_partial(self, concept_slug: str, name: str, context: str, result: dict[str, Any]) -> None:
+        atomic_write_json(self.partial_path(concept_slug, name), {"context": context, "result": result})
+
+    def clear_partials(self, concept_slug: str, prefix: str) -> None:
+        for p in self.partial_path(concept_slug, prefix).parent.glob(f"{prefix}*.json"):
+            p.unlink(missing_ok=True)
+
     def stage_done(self, concept_slug: str, stage: str) -> bool:
         p = self.stage_path(concept_slug, stage)
         if not p.exists():
