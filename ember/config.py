@@ -46,6 +46,7 @@ class ModelConfig:
     device: str = "auto"
     use_chat_template: bool = True
     untie_embeddings: bool = True
+    master_weights: bool = False  # methods and relearning train bf16/fp16 weights through fp32 copies (off: as the reference)
     size_class: str = "small"  # small (runs on a CPU) | large (paper-size: preflight warns when it would run on a CPU)
 
 

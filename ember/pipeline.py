@@ -266,7 +266,8 @@ class ConceptRun:
         method = get_method(self.cfg.method.name, params)
         ctx = MethodContext(model=model, tokenizer=self.lm.tokenizer, facts=self.lm.facts,
                             forget_texts=list(self.concept.sentences), retain_texts=list(self.store.neutral),
-                            concept=self.concept.name, seed=self.cfg.seed, progress=self._progress(), cache=self.cache)
+                            concept=self.concept.name, seed=self.cfg.seed, progress=self._progress(), cache=self.cache,
+                            master_weights=bool(self.cfg.model.master_weights))
         model.requires_grad_(False)
         rep = method.apply(ctx)
         model.eval()
@@ -522,7 +523,8 @@ class ConceptRun:
         ctx = AttackContext(seed=self.cfg.seed, template=self.cfg.eval.prompt_template,
                             batch_size=self.cfg.eval.batch_size, progress=self._progress(),
                             max_questions=self.cfg.eval.max_questions,  # the same capped questions as evaluate
-                            mc_scorer=mc_scorer(self.cfg.eval, self.lm.tokenizer))
+                            mc_scorer=mc_scorer(self.cfg.eval, self.lm.tokenizer),
+                            master_weights=bool(self.cfg.model.master_weights))
         settings = OmegaConf.to_container(self.cfg.relearn, resolve=True)
         res = self._partial_result("relearn", settings)  # kept before the control runs (crash safety)
         if res is None:
@@ -565,6 +567,7 @@ class ConceptRun:
             return None
         key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": "relearn",
                "settings": {k: v for k, v in settings.items() if k != "control"}, "seed": self.cfg.seed,
+               "master_weights": bool(self.cfg.model.master_weights),
                "max_questions": self.cfg.eval.max_questions, "template": self.cfg.eval.prompt_template,
                "scorer": provenance(self.cfg.eval), "data": self.concept.fingerprint(),
                "code": attack_code_version("relearn")}

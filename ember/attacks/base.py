@@ -42,6 +42,7 @@ class AttackContext:
     eval_split: str = "QA_test"  # questions an attack is scored on
     retain_split: str = "SimdomQA_test"  # similar-domain questions (retention after relearning)
     extra: dict[str, Any] = field(default_factory=dict)
+    master_weights: bool = False  # relearning: train bf16/fp16 weights through fp32 copies (model.master_weights)
     #: plain multiple choice as the job evaluates it (``eval.mc_mode``); None = log-likelihood with ``template``
     mc_scorer: Callable[[nn.Module, Any, list[Any]], Any] | None = None
 

@@ -44,6 +44,7 @@ from ember.attacks import register_attack
 from ember.attacks.base import AttackContext, AttackResult, merge_settings, questions
 from ember.errors import ConfigError
 from ember.evals.loglik import right_pad
+from ember.master_weights import MasterWeights
 from ember.methods.base import loss_guard
 
 log = logging.getLogger(__name__)
@@ -153,7 +154,9 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
     eval_model = trained.get_base_model() if mode == "lora" else trained
     params = [p for p in trained.parameters() if p.requires_grad]
     n_trainable = sum(p.numel() for p in params)
-    opt = torch.optim.AdamW(params, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
+    mw = MasterWeights(params, ctx.master_weights)
+    mw_active = mw.active
+    opt = torch.optim.AdamW(mw.tensors, lr=float(s["lr"]), weight_decay=float(s["weight_decay"]))
     device = next(trained.parameters()).device
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     rng = random.Random(ctx.seed)
@@ -191,11 +194,13 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
                 if why:
                     status, reason = "diverged", f"epoch {epoch} step {len(step_losses) + 1}: {why}"
                     break
-                opt.zero_grad(set_to_none=True)
+                mw.zero_grad()
                 loss.backward()
+                mw.before_step()
                 if float(s["max_grad_norm"]) > 0:
-                    torch.nn.utils.clip_grad_norm_(params, float(s["max_grad_norm"]))
+                    torch.nn.utils.clip_grad_norm_(mw.tensors, float(s["max_grad_norm"]))
                 opt.step()
+                mw.after_step()
                 step_losses.append(val)
                 ep_losses.append(val)
             if status != "ok":
@@ -203,8 +208,8 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
                 break
             curve.append(evaluate(epoch, sum(ep_losses) / len(ep_losses), len(step_losses)))
     finally:
-        opt.zero_grad(set_to_none=True)
-        del opt
+        mw.zero_grad()
+        del opt, mw
         trained.eval()
         trained.requires_grad_(False)
 
@@ -234,6 +239,7 @@ def relearn_model(model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, An
             "trainable_params": n_trainable,
             "merged": mode == "lora" and bool(s["merge_lora"]),
             "in_place": bool(s["in_place"]),
+            "master_weights": mw_active,
             "settings": s,
         },
     )

@@ -31,6 +31,7 @@ class MethodContext:
     seed: int = 42
     progress: bool = False
     cache: Any = None  # ember.cache.ArtifactCache for reusable artefacts (reference log-probs, MLP factors)
+    master_weights: bool = False  # train bf16/fp16 weights through fp32 copies (model.master_weights)
     extra: dict[str, Any] = field(default_factory=dict)
 
 

@@ -162,6 +162,7 @@ class RMU(Method):
 
         report = train_loop(self.name, p, params, steps, step, p["lr"], weight_decay=p["weight_decay"],
                             eps=p["adam_eps"], max_grad_norm=p["max_grad_norm"], progress=ctx.progress,
-                            extra={"layer": layer, "layer_ids": layer_ids, "control_seed": ctx.seed})
+                            extra={"layer": layer, "layer_ids": layer_ids, "control_seed": ctx.seed},
+                            master_weights=ctx.master_weights)
         report.seconds = time.perf_counter() - start
         return report

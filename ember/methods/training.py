@@ -29,6 +29,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ember.errors import ConfigError
+from ember.master_weights import MasterWeights
 from ember.methods.base import MethodReport, loss_guard
 
 # --------------------------------------------------------------------------------------------------
@@ -296,9 +297,11 @@ def train_loop(
     progress: bool = False,
     guard_factor: float = 50.0,
     extra: dict[str, Any] | None = None,
+    master_weights: bool = False,
 ) -> MethodReport:
     """AdamW on ``trainable_params`` for ``steps`` steps of ``step_fn``; stops on a NaN/exploding loss.
 
+    ``master_weights``: step float32 copies of bf16/fp16 parameters (ember/master_weights.py).
     A diverged run returns ``status="diverged"`` with the reason (the caller discards the model)."""
     start = time.perf_counter()
     names = [n for n, _ in trainable_params]
@@ -308,7 +311,8 @@ def train_loop(
     first: float | None = None
     parts_log: list[dict[str, float]] = []
     with trainable(trainable_params):
-        opt = torch.optim.AdamW(plist, lr=lr, weight_decay=weight_decay, eps=eps)
+        mw = MasterWeights(plist, master_weights)
+        opt = torch.optim.AdamW(mw.tensors, lr=lr, weight_decay=weight_decay, eps=eps)
         bar = tqdm(range(steps), desc=name, disable=not progress, leave=False)
         step_seconds: list[float] = []
         for step in bar:
@@ -325,18 +329,20 @@ def train_loop(
                 break
             if first is None:
                 first = value
-            opt.zero_grad(set_to_none=True)
+            mw.zero_grad()
             out.loss.backward()
+            mw.before_step()
             if max_grad_norm:
-                torch.nn.utils.clip_grad_norm_(plist, max_grad_norm)
+                torch.nn.utils.clip_grad_norm_(mw.tensors, max_grad_norm)
             opt.step()
+            mw.after_step()
             report.losses.append(value)
             parts_log.append(out.parts)
             report.steps = step + 1
             step_seconds.append(time.perf_counter() - t_step)
             bar.set_postfix(loss=f"{value:.4g}")
         bar.close()
-        opt.zero_grad(set_to_none=True)
+        mw.zero_grad()
     if report.status == "ok":
         bad_params = [n for n, p in trainable_params if not torch.isfinite(p).all()]
         if bad_params:
@@ -443,4 +449,4 @@ class LMUnlearningMethod:
         p = self.params
         return train_loop(getattr(self, "name", "?"), p, trainable_params, p["steps"], step_fn, p["lr"],
                           weight_decay=p["weight_decay"], max_grad_norm=p["max_grad_norm"],
-                          progress=ctx.progress, extra=extra)
+                          progress=ctx.progress, extra=extra, master_weights=getattr(ctx, "master_weights", False))
