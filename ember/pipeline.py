@@ -517,7 +517,7 @@ class ConceptRun:
     def relearn(self) -> dict[str, Any]:
         from ember.attacks import AttackContext, recovered_fraction
         from ember.attacks.relearn import run_relearn
-        from ember.evals.suite import mc_scorer, provenance
+        from ember.evals.suite import mc_scorer
 
         t0 = time.perf_counter()
         ctx = AttackContext(seed=self.cfg.seed, template=self.cfg.eval.prompt_template,
@@ -533,7 +533,7 @@ class ConceptRun:
             self._save_partial("relearn", settings, res)
         curve = res.get("curve", [])
         metrics = dict(res.get("metrics", {}))
-        control = self._relearn_control(settings, ctx, run_relearn, provenance)
+        control = self._relearn_control(settings, ctx)
         if control is not None:
             base_curve = control.get("curve", [])
             base_acc = base_curve[0]["qa_acc"] if base_curve else math.nan
@@ -552,12 +552,13 @@ class ConceptRun:
         self.files.clear_partials(self.slug, "relearn")
         return result
 
-    def _relearn_control(self, settings: dict[str, Any], ctx: Any, run_relearn: Any,
-                         provenance: Any) -> dict[str, Any] | None:
+    def _relearn_control(self, settings: dict[str, Any], ctx: Any) -> dict[str, Any] | None:
         """Relearning the unedited model with the same settings and seed (cached across jobs: it does not
         depend on the erasure). None when ``relearn.control`` is off, or ``in_place`` is set (the
         unedited model must stay as it is)."""
         from ember.attacks import attack_code_version
+        from ember.attacks.relearn import run_relearn
+        from ember.evals.suite import provenance
 
         if not settings.get("control", True):
             return None
@@ -569,7 +570,8 @@ class ConceptRun:
                "settings": {k: v for k, v in settings.items() if k != "control"}, "seed": self.cfg.seed,
                "master_weights": bool(self.cfg.model.master_weights),
                "max_questions": self.cfg.eval.max_questions, "template": self.cfg.eval.prompt_template,
-               "scorer": provenance(self.cfg.eval), "data": self.concept.fingerprint(),
+               "scorer": {**provenance(self.cfg.eval), "use_chat": self.cfg.eval.use_chat},
+               "data": self.concept.fingerprint(),
                "code": attack_code_version("relearn")}
 
         def control() -> dict[str, Any]:
