@@ -419,10 +419,11 @@ class ConceptRun:
             settings = OmegaConf.to_container(spec.get(name, {}) or {}, resolve=True)
             # each attack's result is kept in the job directory as soon as it is done: a crash in a later
             # attack (or a kill) loses nothing already computed; a resumed job reuses it
-            done = self._partial_result(f"attack_{name}", settings)
+            context = self._partial_context(settings)
+            done = self._partial_result(f"attack_{name}", context)
             if done is None:
                 done = self._one_attack(name, settings, erased_acc, base_acc, reference)
-                self._save_partial(f"attack_{name}", settings, done)
+                self.files.write_partial(self.slug, f"attack_{name}", context, done)
             out[name] = done["out"]
             metrics.update(done["metrics"])
             rows += done["rows"]
@@ -486,16 +487,13 @@ class ConceptRun:
                          "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
                          "data": self.concept.fingerprint()})
 
-    def _partial_result(self, name: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    def _partial_result(self, name: str, context: str) -> dict[str, Any] | None:
         if self.cfg.overwrite:
             return None
-        got = self.files.read_partial(self.slug, name, self._partial_context(settings))
+        got = self.files.read_partial(self.slug, name, context)
         if got is not None:
             log.info("[%s] %s finished before this job was interrupted: reused", self.concept.name, name)
         return got
-
-    def _save_partial(self, name: str, settings: dict[str, Any], result: dict[str, Any]) -> None:
-        self.files.write_partial(self.slug, name, self._partial_context(settings), result)
 
     def _attack_reference_accuracies(self) -> tuple[float | None, float | None, str]:
         """The erased and the unedited model's plain QA_test accuracy, scored as the prompting attacks
@@ -526,11 +524,12 @@ class ConceptRun:
                             mc_scorer=mc_scorer(self.cfg.eval, self.lm.tokenizer),
                             master_weights=bool(self.cfg.model.master_weights))
         settings = OmegaConf.to_container(self.cfg.relearn, resolve=True)
-        res = self._partial_result("relearn", settings)  # kept before the control runs (crash safety)
+        context = self._partial_context(settings)
+        res = self._partial_result("relearn", context)  # kept before the control runs (crash safety)
         if res is None:
             seed_everything(self.cfg.seed)
             res = run_relearn(self.work, self.lm.tokenizer, self.concept, settings, ctx).to_dict()
-            self._save_partial("relearn", settings, res)
+            self.files.write_partial(self.slug, "relearn", context, res)
         curve = res.get("curve", [])
         metrics = dict(res.get("metrics", {}))
         control = self._relearn_control(settings, ctx)
