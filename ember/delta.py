@@ -61,7 +61,6 @@ def choose_delta(
     coherence_keys: Sequence[str],
     retention_gate: float = 0.9,
     coherence_gate: float = 0.9,
-    on_row: Callable[[dict[str, Any]], None] | None = None,
     progress: bool = False,
 ) -> DeltaChoice:
     from tqdm.auto import tqdm
@@ -72,8 +71,6 @@ def choose_delta(
         row["gate_pass"] = passes_gates(row, retention_keys, coherence_keys, retention_gate, coherence_gate)
         row["objective"] = ranking_value(row) if row["gate_pass"] else 0.0
         rows.append(row)
-        if on_row:
-            on_row(row)
     best = max(rows, key=lambda r: (r["objective"], -r["delta"]))
     if best["objective"] <= 0:
         return DeltaChoice(0.0, rows, "no delta passed the gates with a positive score: no edit (delta 0)")

@@ -502,11 +502,18 @@ class ConceptRun:
         if self.cfg.eval.mc_mode == "loglik":
             erased = (self.files.read_stage(self.slug, "evaluate") or {}).get("scores", {}).get("qa_acc")
             return erased, self._base_scores("test").get("qa_acc"), "loglik (the evaluate and baseline stages)"
+        from ember.attacks import attack_code_version
         from ember.attacks.base import AttackContext, questions
 
         ctx = AttackContext(template=self.cfg.eval.prompt_template, batch_size=self.cfg.eval.batch_size)
         qs = questions(self.concept, ctx.eval_split, self.cfg.eval.max_questions)
-        erased, base = (ctx.score_plain(m, self.lm.tokenizer, qs).acc for m in (self.work, self.lm.model))
+        erased = ctx.score_plain(self.work, self.lm.tokenizer, qs).acc
+        # the unedited model's score is the same for every job on this model and concept: cached
+        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": "plain (loglik)",
+               "template": self.cfg.eval.prompt_template, "max_questions": self.cfg.eval.max_questions,
+               "data": self.concept.fingerprint(), "code": attack_code_version()}
+        base = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key,
+                                       lambda: ctx.score_plain(self.lm.model, self.lm.tokenizer, qs).acc)
         log.info("[%s] attacks score by log-likelihood; plain accuracy so scored: erased %.3f, unedited %.3f "
                  "(eval.mc_mode=%s is used by evaluate and relearn)", self.concept.name, erased, base,
                  self.cfg.eval.mc_mode)

@@ -358,9 +358,7 @@ def render(table: pd.DataFrame, latex: bool = False) -> str:
     return "\n".join(md) + "\n"
 
 
-TRADEOFF = [("efficacy", "evaluate/efficacy"), ("specificity", "evaluate/specificity"),
-            ("coherence", "evaluate/coherence"), ("harmonic", "evaluate/harmonic"),
-            ("harmonic_alpaca", "evaluate/harmonic_alpaca")]
+TRADEOFF = [(c, k) for c, k, _ in COLUMNS if k.startswith("evaluate/") and c != "qa_acc"]
 
 
 def _delta_sweep_plot(ax: Any, df: pd.DataFrame) -> bool:

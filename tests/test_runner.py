@@ -223,13 +223,15 @@ def test_attacks_and_relearning_compare_like_with_like_in_letter_mode(tmp_path):
     assert jb["erased_accuracy"] == jb["extra"]["plain_accuracy"]  # the attack's own unattacked score
     assert recs["Harry_Potter/evaluate"]["scores"]["mc_mode"] == "letter"
     controls = {p: p.stat().st_mtime_ns for p in (cache / "attack_control").rglob("manifest.json")
-                if jobs.read_json(p)["key"]["attack"] == "relearn"}
-    assert len(controls) == 1
+                if jobs.read_json(p)["key"]["attack"] in ("relearn", "plain (loglik)")}
+    assert len(controls) == 2  # the relearning control and the unedited model's plain loglik score
 
     # a second job that differs only in the erasure reuses the cached relearning control
     jobs.run_ember([*args[:-1], "ember.delta=2.0", "ember.delta_grid=[2.0]", f"hydra.run.dir={tmp_path / 'job2'}"],
                    cache, timeout=300)
-    assert jobs.stage_records(tmp_path / "job2")["Harry_Potter/relearn"]["control_curve"] == rel["control_curve"]
+    recs2 = jobs.stage_records(tmp_path / "job2")
+    assert recs2["Harry_Potter/relearn"]["control_curve"] == rel["control_curve"]
+    assert recs2["Harry_Potter/attacks"]["attacks"]["jailbreak"]["base_accuracy"] == jb["base_accuracy"]
     assert {p: p.stat().st_mtime_ns for p in controls} == controls  # read, not rebuilt
 
 

@@ -44,9 +44,10 @@ def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
     return deco
 
 
-def attack_code_version(name: str) -> str:
-    """A digest of the source of the attack's module and of the shared scoring code it relies on, part of
-    the cache key of its control run: editing an attack invalidates its cached controls."""
+def attack_code_version(name: str | None = None) -> str:
+    """A digest of the source of the attack's module (none: plain scoring alone) and of the shared scoring
+    code it relies on, part of the cache key of its control run: editing an attack invalidates its
+    cached controls."""
     import hashlib
     import inspect
     import sys
@@ -55,7 +56,8 @@ def attack_code_version(name: str) -> str:
     from ember.evals import loglik
 
     h = hashlib.sha256()
-    for mod in (sys.modules[get_attack(name).__module__], base, loglik):
+    modules = (base, loglik) if name is None else (sys.modules[get_attack(name).__module__], base, loglik)
+    for mod in modules:
         h.update(inspect.getsource(mod).encode())
     return h.hexdigest()[:16]
 
