@@ -275,3 +275,35 @@ def test_snmf_edits_only_targeted_layers_and_caches(tiny, tmp_path) -> None:
     r3 = get_method("snmf", {**params, "in_delta": 0.0}).apply(ctx3)
     assert set(r3.changed_parameters) == {"model.layers.1.mlp.down_proj.weight"}
     assert changed(before, ctx3.model) == {"model.layers.1.mlp.down_proj.weight"}
+
+
+def test_snmf_labels_occurrences_by_sentence_as_the_reference() -> None:
+    """Spec 1.1/2.3: each occurrence carries its sentence's label, so a feature that fires on a token shared
+    by both sets only inside concept sentences is a concept feature (token labels would exclude it)."""
+    from ember.methods.snmf import SNMF, feature_ratios, occurrence_labels
+
+    ids = torch.tensor([5, 7, 9, 5, 8, 9])
+    from_concept = torch.tensor([True, True, True, False, False, False])
+    G = torch.zeros(6, 1)
+    G[2, 0], G[5, 0] = 1.0, 0.1  # token 9 occurs in both sets; the feature fires on it 10x more in concept text
+    by_default = occurrence_labels(ids, from_concept, set(), SNMF.defaults["occurrence_labels"])
+    assert float(feature_ratios(G, by_default)["ratio_abs"][0]) == pytest.approx(10.0, rel=1e-6)
+    assert float(feature_ratios(G, occurrence_labels(ids, from_concept, set(), "token"))["ratio_abs"][0]) == 0.0
+    for preset in ("snmf", "snmf_paper_gemma2", "snmf_paper_llama"):
+        params = OmegaConf.load(CONF / f"{preset}.yaml").params
+        assert (params.occurrence_labels, params.activation_dtype) == ("sentence", "float32"), preset
+
+
+def test_snmf_collects_bf16_activations_in_float32_and_restores_the_weights(tiny) -> None:
+    from ember.methods.snmf import collect_mlp_hidden
+
+    bf16 = copy.deepcopy(tiny.model).to(torch.bfloat16)
+    before = {k: v.clone() for k, v in bf16.state_dict().items()}
+    upcast = copy.deepcopy(bf16).float()  # the same (bf16-representable) weights, computed in float32
+    want = collect_mlp_hidden(upcast, tiny.tokenizer, CONCEPT, 1, 6, 32)
+    got = collect_mlp_hidden(bf16, tiny.tokenizer, CONCEPT, 1, 6, 32, "float32")
+    native = collect_mlp_hidden(bf16, tiny.tokenizer, CONCEPT, 1, 6, 32, "model")
+    assert all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
+    assert (native[0] - want[0]).abs().max() > 1e-4  # bf16 computation really differs
+    assert all(v.dtype == torch.bfloat16 for v in bf16.state_dict().values() if v.is_floating_point())
+    assert changed(before, bf16) == set()

@@ -4,14 +4,17 @@ For every layer in the configured range(s), one layer at a time:
 
 1. collect the gated-MLP hidden state (the input of ``down_proj``, i.e. ``act(gate(x)) * up(x)``)
    for every kept token occurrence of the concept's and the neutral sentences (padding and special
-   tokens dropped), with a forward pre-hook that stops the forward pass there;
+   tokens dropped), with a forward pre-hook that stops the forward pass there; computed in float32
+   as the reference's TransformerLens model does (a bf16 model's upstream weights are upcast for the
+   collection and restored bit for bit afterwards; ``activation_dtype: model`` keeps the model's dtype);
 2. fit ``A ~= F G^T`` (``A``: d_mlp x N occurrences; F sparse and signed, G non-negative) with
    :func:`ember.factorize.semi_nmf`; the factors and per-feature statistics are cached in the job's
    ``ArtifactCache`` keyed by a fingerprint of every weight upstream of that MLP, the layer, the
    data and the fit settings, and the activations are freed before the next layer;
 3. select features with ``ratio_abs = mean G over concept occurrences / (mean G over neutral
-   occurrences + 1e-8) >= ratio_thresh`` (occurrences labelled by token id like the embedding
-   track: concept-only vs neutral-only tokens, "both" excluded; or by sentence of origin);
+   occurrences + 1e-8) >= ratio_thresh`` (each occurrence labelled by the sentence it comes from, as
+   in the reference, spec 1.1 and 2.3; ``occurrence_labels: token`` labels by token id like the
+   embedding track instead: concept-only vs neutral-only tokens, "both" excluded);
 4. restrict each feature's neuron support ``F[:,k] != 0`` with the coverage filter (spec 2.5);
 5. directions from the weights as handed in: ``f_in = F[:,k]^T W_up`` and ``f_out = W_down F[:,k]``.
 
@@ -32,6 +35,8 @@ import hashlib
 import logging
 import time
 from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -63,12 +68,36 @@ log = logging.getLogger(__name__)
 # activations
 
 
+@contextmanager
+def upcast_upstream(model: nn.Module, layer: int) -> Iterator[None]:
+    """Compute in float32 up to decoder layer ``layer``: the embeddings' and blocks 0..layer's floating
+    parameters are swapped for float32 copies and the original tensors put back afterwards (bit for bit,
+    also after an error). A float32 model is left alone."""
+    from ember.models import decoder_layers
+
+    modules = [model.get_input_embeddings(), *decoder_layers(model)[: layer + 1]]
+    params = {id(q): q for m in modules for q in m.parameters()
+              if q.is_floating_point() and q.dtype != torch.float32}
+    saved = {k: q.data for k, q in params.items()}
+    try:
+        for q in params.values():
+            q.data = q.data.float()
+        yield
+    finally:
+        for k, q in params.items():
+            q.data = saved[k]
+
+
 @torch.no_grad()
 def collect_mlp_hidden(model: nn.Module, tokenizer: Any, texts: list[str], layer: int, batch_size: int,
-                       max_length: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gated-MLP hidden states of one layer for every kept token occurrence.
+                       max_length: int, dtype: str = "float32") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gated-MLP hidden states of one layer for every kept token occurrence, computed in float32 (the
+    reference's) or, with ``dtype="model"``, in the model's own dtype.
 
     Returns ``(acts (N x d_mlp) float32 CPU, token ids (N,), text index (N,))``."""
+    if dtype == "float32":
+        with upcast_upstream(model, layer):
+            return collect_mlp_hidden(model, tokenizer, texts, layer, batch_size, max_length, "model")
     from ember.models import decoder_layers
 
     down = decoder_layers(model)[layer].mlp.down_proj
@@ -208,7 +237,8 @@ class SNMF(Method):
         "out_delta": 1.0,  # 0 = no down_proj edit
         "ratio_thresh": 2.0,
         "coverage_thresh": 0.95,  # null = the whole support of each feature
-        "occurrence_labels": "token",  # token (concept-only vs neutral-only token ids) | sentence
+        "occurrence_labels": "sentence",  # sentence of origin (the reference's) | token (concept-only vs neutral-only ids)
+        "activation_dtype": "float32",  # float32 (the reference's) | model (the model's dtype: less memory on bf16)
         "rank": 100,  # Semi-NMF rank K (paper: 100 Gemma-2-2B, 200 Llama-3.1-8B)
         "f_sparsity": 0.01,  # fraction of d_mlp kept per F column
         "reg": 1e-4,
@@ -235,7 +265,9 @@ class SNMF(Method):
         require(c is None or (isinstance(c, (int, float)) and not isinstance(c, bool) and 0 < c <= 1),
                 "coverage_thresh", c, "use a fraction in (0, 1], or null to keep each feature's whole support")
         require(p["occurrence_labels"] in ("token", "sentence"), "occurrence_labels", p["occurrence_labels"],
-                "use 'token' (concept-only vs neutral-only token ids) or 'sentence' (sentence of origin)")
+                "use 'sentence' (sentence of origin) or 'token' (concept-only vs neutral-only token ids)")
+        require(p["activation_dtype"] in ("float32", "model"), "activation_dtype", p["activation_dtype"],
+                "use 'float32' (the reference's) or 'model' (the model's own dtype)")
         for k in ("rank", "reg_tries", "max_iter", "patience", "plateau_patience", "batch_size", "max_length"):
             check_positive_int(p, k)
         require(isinstance(p["f_sparsity"], (int, float)) and 0 < p["f_sparsity"] <= 1, "f_sparsity",
@@ -252,11 +284,13 @@ class SNMF(Method):
         p = self.params
         key = {"model": ctx.facts.name, "source": ctx.facts.source, "weights": fps.upstream_of_mlp(ctx.model, layer),
                "layer": layer, "data": data_key, "labels": p["occurrence_labels"], "max_length": p["max_length"],
+               "activation_dtype": p["activation_dtype"],
                "seed": ctx.seed, **{k: p[k] for k in FIT_KEYS}}
 
         def build() -> dict[str, Any]:
             t0 = time.perf_counter()
-            acts, ids, src = collect_mlp_hidden(ctx.model, ctx.tokenizer, texts, layer, p["batch_size"], p["max_length"])
+            acts, ids, src = collect_mlp_hidden(ctx.model, ctx.tokenizer, texts, layer, p["batch_size"], p["max_length"],
+                                                  p["activation_dtype"])
             t_collect = time.perf_counter() - t0
             d_mlp, n = acts.shape[1], acts.shape[0]
             if p["rank"] > min(d_mlp, n):
