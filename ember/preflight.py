@@ -8,6 +8,7 @@ cell) against the model's width and depth read from its config or GGUF header al
 
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import logging
@@ -111,8 +112,29 @@ def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
             raise ConfigError(f"{exc}{where}, for model '{cfg.model.name}'") from None
 
 
+@functools.cache
+def _lm_eval_task_names() -> frozenset[str]:
+    from lm_eval.tasks import TaskManager
+
+    return frozenset(TaskManager().all_tasks)
+
+
+def check_lm_eval_tasks(tasks: list[str]) -> None:
+    """``eval.lm_eval_tasks`` names lm-eval knows (indexing its task files takes seconds: only when set)."""
+    if not tasks:
+        return
+    import difflib
+
+    known = _lm_eval_task_names()
+    for t in tasks:
+        if t not in known:
+            near = difflib.get_close_matches(t, sorted(known), 3)
+            raise ConfigError(f"eval.lm_eval_tasks: lm-eval has no task {t!r}"
+                              + (f"; did you mean {near}?" if near else "") + " (`lm-eval ls tasks` lists them)")
+
+
 def preflight(cfg: DictConfig) -> Checked:
-    from ember.attacks import ATTACKS
+    from ember.attacks import ATTACKS, check_attack_settings
     from ember.methods import get_method
 
     validate(cfg)
@@ -127,6 +149,8 @@ def preflight(cfg: DictConfig) -> Checked:
     if not names:
         raise EmberError(f"concepts.names: no concepts found in {store.root}")
     concepts = [store.concept(n) for n in names]
+    check_attack_settings(cfg.attacks, concepts)
+    check_lm_eval_tasks(list(cfg.eval.lm_eval_tasks or []))
     starter = starter_store(cfg)
     d, n_layers = peek_dims(cfg)
     if d is not None:

@@ -51,3 +51,49 @@ def test_gguf_header_reader_rejects_what_is_not_gguf(tmp_path: Path) -> None:
     p.write_bytes(b"GGUF")  # truncated
     with pytest.raises(EOFError):
         gguf_header_dims([p])
+
+
+@pytest.mark.parametrize("overrides, key", [
+    (["attacks.incontext.source=[bogus]"], "attacks.incontext.source"),
+    (["attacks.incontext.k=999"], "attacks.incontext.k=999"),
+    (["attacks.incontext.selection=randm"], "attacks.incontext.selection"),
+    (["attacks.token_evasion.variants=[bogus]"], "attacks.token_evasion.variants"),
+    (["attacks.token_evasion.fallback=keyterms"], "attacks.token_evasion.fallback"),
+    (["attacks.jailbreak.templates=[nope]"], "attacks.jailbreak.templates"),
+    (["+attacks.jailbreak.templatez=[a]"], "attacks.jailbreak: unknown key"),
+    (["attacks=all", "attacks.gcg.steps=0"], "attacks.gcg.steps"),
+    (["attacks=all", "+attacks.gcg.train_offset=10000"], "attacks.gcg.train_offset"),
+    (["attacks=all", "attacks.probe.folds=1"], "attacks.probe.folds"),
+])
+def test_attack_settings_fail_in_preflight(overrides, key, tmp_path: Path, monkeypatch) -> None:
+    """A misspelt or impossible attack setting fails before any model loads (it used to fail only when the
+    attacks stage ran, after baseline, features, erase and evaluate)."""
+    from ember.preflight import preflight
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError) as exc:
+        preflight(compose(overrides))
+    assert key in str(exc.value)
+    assert list(tmp_path.iterdir()) == []  # no model converted or loaded
+
+
+def test_every_attack_preset_passes_preflight_settings_checks() -> None:
+    from ember.attacks import SETTINGS_CHECKS, check_attack_settings
+    from ember.data import open_store
+
+    cfg = compose(["concepts=starter_all"])
+    store = open_store(cfg)
+    concepts = [store.concept(n) for n in store.resolve_names(list(cfg.concepts.names))]
+    assert len(concepts) >= 3
+    for preset in ("all", "prompting", "none"):
+        check_attack_settings(compose([f"attacks={preset}"]).attacks, concepts)  # raises if a preset is wrong
+    assert set(SETTINGS_CHECKS) == {"jailbreak", "incontext", "token_evasion", "gcg", "probe"}
+
+
+def test_an_unknown_lm_eval_task_fails_in_preflight_with_suggestions(tmp_path: Path, monkeypatch) -> None:
+    from ember.preflight import check_lm_eval_tasks, preflight
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
+    with pytest.raises(ConfigError, match=r"eval\.lm_eval_tasks: lm-eval has no task 'mmlu_stemm'.*mmlu_stem"):
+        preflight(compose(["eval.lm_eval_tasks=[mmlu_stemm]"]))
+    check_lm_eval_tasks(["mmlu_stem", "hellaswag"])  # known tasks pass

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib
 import logging
 import pkgutil
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from ember.attacks.base import (
@@ -32,16 +32,30 @@ from ember.errors import ConfigError
 log = logging.getLogger(__name__)
 
 ATTACKS: dict[str, AttackFn] = {}
+SettingsCheck = Callable[[Mapping[str, Any] | None, Sequence[Any]], dict[str, Any]]
+#: per attack: its settings merged over its defaults and checked against the concepts, with no model
+#: (preflight runs these, so a misspelt setting fails before any model loads; each attack runs it too)
+SETTINGS_CHECKS: dict[str, SettingsCheck] = {}
 
 
-def register_attack(name: str) -> Callable[[AttackFn], AttackFn]:
+def register_attack(name: str, check: SettingsCheck | None = None) -> Callable[[AttackFn], AttackFn]:
     def deco(fn: AttackFn) -> AttackFn:
         if name in ATTACKS and ATTACKS[name] is not fn:
             raise ValueError(f"attack {name!r} registered twice")
         ATTACKS[name] = fn
+        if check is not None:
+            SETTINGS_CHECKS[name] = check
         return fn
 
     return deco
+
+
+def check_attack_settings(attacks_cfg: Mapping[str, Any] | None, concepts: Sequence[Any]) -> None:
+    """Every enabled attack's settings, checked without a model: unknown keys and impossible values
+    raise a ConfigError naming ``attacks.<name>.<key>``."""
+    for name in enabled_attacks(attacks_cfg):
+        if name in SETTINGS_CHECKS:
+            SETTINGS_CHECKS[name](attacks_cfg.get(name) if attacks_cfg is not None else None, concepts)
 
 
 def attack_code_version(name: str | None = None) -> str:
@@ -102,6 +116,7 @@ def _import_all() -> None:
 _import_all()
 
 __all__ = [
-    "ATTACKS", "AttackContext", "AttackFn", "AttackResult", "enabled_attacks", "get_attack",
+    "ATTACKS", "SETTINGS_CHECKS", "AttackContext", "AttackFn", "AttackResult", "check_attack_settings",
+    "enabled_attacks", "get_attack",
     "recovered_fraction", "register_attack", "run_attacks", "summary_row",
 ]

@@ -278,17 +278,29 @@ def _init_suffix(tok: Any, init: str, n: int) -> list[int]:
     return ids * n
 
 
-def optimise_suffix(model: nn.Module, tok: Any, train_qs: Sequence[Any], template: str,
-                    settings: Mapping[str, Any], seed: int, progress: bool = False) -> dict[str, Any]:
-    """Run GCG; returns the suffix ids and text, the loss after every step, the candidates tried."""
-    s = dict(settings)
+def check_gcg(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
+    s = merge_settings("gcg", GCG_DEFAULTS, cfg)
     if s["placement"] not in ("suffix", "prefix"):
         raise ConfigError(f"attacks.gcg.placement={s['placement']!r}: use 'suffix' or 'prefix'")
     if s["loss"] not in ("ce", "nll"):
         raise ConfigError(f"attacks.gcg.loss={s['loss']!r}: use 'ce' or 'nll'")
-    for key in ("suffix_len", "topk", "n_candidates", "eval_batch"):
-        if int(s[key]) < 1:
+    for key in ("steps", "suffix_len", "topk", "n_candidates", "eval_batch", "n_train_questions"):
+        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
             raise ConfigError(f"attacks.gcg.{key}={s[key]!r}: use a positive integer")
+    off, n = s["train_offset"], s["n_train_questions"]
+    if isinstance(off, bool) or not isinstance(off, int) or off < 0:
+        raise ConfigError(f"attacks.gcg.train_offset={off!r}: use an integer >= 0")
+    for c in concepts:
+        if not c.mc.get("QA_train", [])[off : off + n]:
+            raise ConfigError(f"attacks.gcg.train_offset={off}: concept {c.name!r} has no train questions there "
+                              f"({len(c.mc.get('QA_train', []))} in QA_train)")
+    return s
+
+
+def optimise_suffix(model: nn.Module, tok: Any, train_qs: Sequence[Any], template: str,
+                    settings: Mapping[str, Any], seed: int, progress: bool = False) -> dict[str, Any]:
+    """Run GCG; returns the suffix ids and text, the loss after every step, the candidates tried."""
+    s = check_gcg(settings)
     prob = _build_problem(tok, train_qs, template, s["placement"], wants_bos(model, tok))
     vocab = model.get_input_embeddings().weight.shape[0]
     allowed = allowed_token_mask(tok, vocab, s["allow_non_ascii"]).to(device_of(model))
@@ -336,9 +348,9 @@ def gcg_template(template: str, suffix_text: str, placement: str) -> tuple[str, 
     return before.replace("{", "{{").replace("}", "}}") + "{q}" + esc + after.replace("{", "{{").replace("}", "}}"), ""
 
 
-@register_attack("gcg")
+@register_attack("gcg", check=check_gcg)
 def run_gcg(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None, ctx: AttackContext) -> AttackResult:
-    s = merge_settings("gcg", GCG_DEFAULTS, cfg)
+    s = check_gcg(cfg)
     train_all = questions(concept, ctx.train_split, None)
     off, n = int(s["train_offset"]), int(s["n_train_questions"])
     train_qs = train_all[off : off + n]

@@ -28,6 +28,7 @@ from torch import nn
 from ember.attacks import register_attack
 from ember.attacks._lm import device_of, final_norm, lm_logits
 from ember.attacks.base import AttackContext, AttackResult, Timer, merge_settings, questions
+from ember.errors import ConfigError
 from ember.evals.loglik import encode_pair, wants_bos
 from ember.models import decoder_layers
 
@@ -160,9 +161,21 @@ def option_states(model: nn.Module, tok: Any, qs: Sequence[Any], template: str, 
     return q_states, o_states.reshape(o_states.shape[0], len(qs), n_opt, -1)
 
 
-@register_attack("probe")
-def run_probe(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None, ctx: AttackContext) -> AttackResult:
+def check_probe(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
     s = merge_settings("probe", PROBE_DEFAULTS, cfg)
+    for key in ("folds", "max_iter", "batch_size"):
+        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
+            raise ConfigError(f"attacks.probe.{key}={s[key]!r}: use a positive integer")
+    if s["folds"] < 2:
+        raise ConfigError(f"attacks.probe.folds={s['folds']}: cross-validation needs at least 2 folds")
+    if not isinstance(s["l2"], (int, float)) or isinstance(s["l2"], bool) or s["l2"] < 0:
+        raise ConfigError(f"attacks.probe.l2={s['l2']!r}: use a penalty >= 0")
+    return s
+
+
+@register_attack("probe", check=check_probe)
+def run_probe(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None, ctx: AttackContext) -> AttackResult:
+    s = check_probe(cfg)
     train_qs = questions(concept, ctx.train_split, ctx.max_questions)
     test_qs = questions(concept, ctx.eval_split, ctx.max_questions)
     with Timer() as t:

@@ -170,14 +170,19 @@ def jailbreak_prompt(jb: Jailbreak, tok: Any, concept_name: str, template: str, 
 JAILBREAK_DEFAULTS: dict[str, Any] = {"templates": None}  # None = every template in JAILBREAKS
 
 
-@register_attack("jailbreak")
-def run_jailbreak(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
-                  ctx: AttackContext) -> AttackResult:
+def check_jailbreak(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
     s = merge_settings("jailbreak", JAILBREAK_DEFAULTS, cfg)
-    names = list(s["templates"] or JAILBREAKS)
-    for n in names:
+    for n in list(s["templates"] or JAILBREAKS):
         if n not in JAILBREAKS:
             raise ConfigError(f"attacks.jailbreak.templates: unknown template {n!r}; known: {sorted(JAILBREAKS)}")
+    return s
+
+
+@register_attack("jailbreak", check=check_jailbreak)
+def run_jailbreak(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
+                  ctx: AttackContext) -> AttackResult:
+    s = check_jailbreak(cfg)
+    names = list(s["templates"] or JAILBREAKS)
     qs = questions(concept, ctx.eval_split, ctx.max_questions)
     per, rows = {}, []
     with Timer() as t:
@@ -243,12 +248,39 @@ def incontext_prefix(concept: Any, source: str, k: int, template: str, selection
     raise ConfigError(f"attacks.incontext.source={source!r}: use 'paragraphs' or 'qa_train'")
 
 
-@register_attack("incontext")
-def run_incontext(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
-                  ctx: AttackContext) -> AttackResult:
-    s = merge_settings("incontext", INCONTEXT_DEFAULTS, cfg)
+def _incontext_grid(s: Mapping[str, Any]) -> tuple[list[str], list[int]]:
     ks = [s["k"]] if isinstance(s["k"], int) else list(s["k"])
     sources = [s["source"]] if isinstance(s["source"], str) else list(s["source"])
+    return sources, ks
+
+
+def check_incontext(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
+    """Sources and selection known, every k a positive int no larger than what each concept offers."""
+    s = merge_settings("incontext", INCONTEXT_DEFAULTS, cfg)
+    sources, ks = _incontext_grid(s)
+    for src in sources:
+        if src not in ("paragraphs", "qa_train"):
+            raise ConfigError(f"attacks.incontext.source={src!r}: use 'paragraphs' or 'qa_train'")
+    if s["selection"] not in ("random", "first"):
+        raise ConfigError(f"attacks.incontext.selection={s['selection']!r}: use 'random' or 'first'")
+    for k in ks:
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise ConfigError(f"attacks.incontext.k={k!r}: use a positive integer (or a list of them)")
+    for c in concepts:
+        for src in sources:
+            have = (len([p for p in c.relearn if p.strip()]) if src == "paragraphs"
+                    else len(c.mc.get("QA_train", [])))
+            if max(ks) > have:
+                raise ConfigError(f"attacks.incontext.k={max(ks)}: concept {c.name!r} has only {have} items for "
+                                  f"source {src!r}; use k <= {have}")
+    return s
+
+
+@register_attack("incontext", check=check_incontext)
+def run_incontext(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
+                  ctx: AttackContext) -> AttackResult:
+    s = check_incontext(cfg)
+    sources, ks = _incontext_grid(s)
     qs = questions(concept, ctx.eval_split, ctx.max_questions)
     per, rows, prefixes = {}, [], {}
     with Timer() as t:
@@ -471,17 +503,23 @@ def _variant_strategies(v: str) -> tuple[str, ...]:
     return (v,)
 
 
-@register_attack("token_evasion")
+def check_token_evasion(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
+    s = merge_settings("token_evasion", TOKEN_EVASION_DEFAULTS, cfg)
+    for v in s["variants"]:
+        _variant_strategies(v)
+    if s["fallback"] not in ("key_terms", "none"):
+        raise ConfigError(f"attacks.token_evasion.fallback={s['fallback']!r}: use 'key_terms' or 'none'")
+    return s
+
+
+@register_attack("token_evasion", check=check_token_evasion)
 def run_token_evasion(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
                       ctx: AttackContext) -> AttackResult:
-    s = merge_settings("token_evasion", TOKEN_EVASION_DEFAULTS, cfg)
+    s = check_token_evasion(cfg)
     edited = set(int(i) for i in ctx.edited_token_ids)
     source = "edited"
-    if not edited:
-        if s["fallback"] == "key_terms":
-            edited, source = key_term_token_ids(tok, concept.key_terms or [concept.name]), "key_terms"
-        elif s["fallback"] != "none":
-            raise ConfigError(f"attacks.token_evasion.fallback={s['fallback']!r}: use 'key_terms' or 'none'")
+    if not edited and s["fallback"] == "key_terms":
+        edited, source = key_term_token_ids(tok, concept.key_terms or [concept.name]), "key_terms"
     key_terms = list(dict.fromkeys([*(concept.key_terms or []), concept.name]))
     qs = questions(concept, ctx.eval_split, ctx.max_questions)
     per: dict[str, float] = {}
