@@ -299,10 +299,67 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     for key in ("max_paragraphs", "batch_size", "max_length"):
         _require(getattr(cfg.relearn, key) >= 1, f"relearn.{key}", getattr(cfg.relearn, key), "use a positive integer")
     _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode, "use offline, online or disabled")
+    _check_counts_and_devices(cfg)
     from ember.stages import STAGES
 
     for s in cfg.stages:
         _require(s in STAGES, "stages", list(cfg.stages), f"each stage must be one of {list(STAGES)}")
+
+
+MODEL_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def check_device(key: str, value: str) -> None:
+    """``auto``, ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:0``, ...)."""
+    import torch
+
+    if value in ("auto", "cpu"):
+        return
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError):
+        dev = None
+    _require(dev is not None and dev.type in ("cpu", "cuda"), key, value, "use auto, cpu or cuda (cuda:N)")
+    if dev is not None and dev.type == "cuda":
+        _require(torch.cuda.is_available(), key, value,
+                 "no CUDA device is visible here (or torch was built without CUDA); use auto or cpu")
+        _require(dev.index is None or dev.index < torch.cuda.device_count(), key, value,
+                 f"this machine has {torch.cuda.device_count()} CUDA device(s)")
+
+
+def _check_counts_and_devices(cfg: DictConfig | RunConfig) -> None:
+    """Counts where 0 or a negative number would silently mean something else (``xs[:n]``), the LLM
+    endpoints a configured judge or selector needs, and the devices and dtypes."""
+    ev = cfg.eval
+    _require(ev.max_questions is None or ev.max_questions >= 1, "eval.max_questions", ev.max_questions,
+             "use a positive integer, or null for every question")
+    for key in ("coherence_n", "perplexity_n", "llm_threads"):
+        _require(getattr(ev, key) >= 1, f"eval.{key}", getattr(ev, key), "use a positive integer")
+    _require(cfg.method.top_k_validate >= 1, "method.top_k_validate", cfg.method.top_k_validate, "use a positive integer")
+    f = cfg.ember.factorization
+    _require(f.tol > 0, "ember.factorization.tol", f.tol, "use a positive tolerance, e.g. 1e-4")
+    _require(f.plateau_rel_tol > 0, "ember.factorization.plateau_rel_tol", f.plateau_rel_tol, "use a positive tolerance")
+    _require(f.plateau_patience >= 1, "ember.factorization.plateau_patience", f.plateau_patience, "use at least 1")
+    r = cfg.relearn
+    _require(r.max_grad_norm >= 0, "relearn.max_grad_norm", r.max_grad_norm, "use 0 (no clipping) or a positive norm")
+    _require(r.divergence_factor > 0, "relearn.divergence_factor", r.divergence_factor, "use a positive factor, e.g. 20")
+    if r.name == "lora":
+        _require(r.lora_rank >= 1, "relearn.lora_rank", r.lora_rank, "use a positive integer, e.g. 16")
+        _require(r.lora_alpha > 0, "relearn.lora_alpha", r.lora_alpha, "use a positive number, e.g. 16")
+        _require(len(r.lora_targets) > 0, "relearn.lora_targets", list(r.lora_targets),
+                 "name at least one module, e.g. [q_proj, v_proj]")
+    needs_llm = (ev.open_qa and ev.open_judge == "llm") or (ev.coherence and ev.coherence_judge == "llm")
+    _require(not needs_llm or bool(ev.llm_endpoint), "eval.llm_endpoint", ev.llm_endpoint,
+             "the LLM judge (eval.open_judge=llm or eval.coherence_judge=llm) needs an OpenAI-compatible endpoint "
+             "URL, or choose a local judge")
+    parts = [p.strip() for p in str(cfg.ember.selector.name).split("+")]
+    _require(not (cfg.ember.enabled and "llm" in parts) or bool(cfg.ember.selector.llm_endpoint),
+             "ember.selector.llm_endpoint", cfg.ember.selector.llm_endpoint,
+             "the llm selector needs an OpenAI-compatible endpoint URL, or use ratio/anchor")
+    _require(cfg.model.dtype in MODEL_DTYPES, "model.dtype", cfg.model.dtype, f"choose one of {list(MODEL_DTYPES)}")
+    check_device("model.device", cfg.model.device)
+    if cfg.ember.enabled:
+        check_device("ember.factorization.device", f.device)
 
 
 def validate_against_model(cfg: DictConfig | RunConfig, d_model: int) -> None:

@@ -24,7 +24,7 @@ from omegaconf import DictConfig, OmegaConf
 from ember.cache import ArtifactCache
 from ember.config import validate_against_model
 from ember.data import ConceptData, ConceptStore, background_sentences
-from ember.errors import EmberError
+from ember.errors import ConfigError, EmberError, ModelUnavailableError
 from ember.locking import atomic_write_json, atomic_write_text
 from ember.seeding import seed_everything
 from ember.tracking import JobFiles, WandbLogger
@@ -673,17 +673,29 @@ def run_job(cfg: DictConfig) -> float | None:
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
+    if cfg.relearn.name == "lora" and "relearn" in stages_wanted(cfg):
+        from ember.attacks.relearn import check_lora_targets
+
+        check_lora_targets(lm.model, list(cfg.relearn.lora_targets))  # before any stage, not at the last one
     cache = ArtifactCache(Path(cfg.cache_dir))
     logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
-    for concept in concepts:
+    for i, concept in enumerate(concepts):
         try:
             results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger).run()
         except Exception as exc:  # one concept failing must not lose the others
             failures[concept.name] = f"{type(exc).__name__}: {exc}"
             log.error("[%s] failed: %s", concept.name, failures[concept.name])
             atomic_write_text(files.concept_dir(concept.slug) / "FAILED.txt", traceback.format_exc())
+            if isinstance(exc, (ConfigError, ModelUnavailableError)) and i + 1 < len(concepts):
+                # a setting or a model, not this concept's data: the next concepts would fail the same way
+                # after recomputing their baselines; they are left for the corrected command
+                for later in concepts[i + 1:]:
+                    failures[later.name] = f"not run: {type(exc).__name__} in {concept.name!r} first"
+                log.error("not running %d remaining concept(s): fix the setting above and re-run (finished "
+                          "stages are kept)", len(concepts) - i - 1)
+                break
     atomic_write_json(out / "results.json", {"results": results, "failures": failures,
                                              "seconds": time.perf_counter() - t_job})
     table = format_results(results)

@@ -113,19 +113,20 @@ def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
 
 
 @functools.cache
-def _lm_eval_task_names() -> frozenset[str]:
+def _lm_eval_task_names(include_path: str | None) -> frozenset[str]:
     from lm_eval.tasks import TaskManager
 
-    return frozenset(TaskManager().all_tasks)
+    return frozenset(TaskManager(include_path=include_path).all_tasks)
 
 
-def check_lm_eval_tasks(tasks: list[str]) -> None:
-    """``eval.lm_eval_tasks`` names lm-eval knows (indexing its task files takes seconds: only when set)."""
+def check_lm_eval_tasks(tasks: list[str], include_path: str | None = None) -> None:
+    """``eval.lm_eval_tasks`` names lm-eval knows, with the tasks under ``eval.lm_eval_include_path``
+    (indexing its task files takes seconds: only when the list is set)."""
     if not tasks:
         return
     import difflib
 
-    known = _lm_eval_task_names()
+    known = _lm_eval_task_names(include_path)
     for t in tasks:
         if t not in known:
             near = difflib.get_close_matches(t, sorted(known), 3)
@@ -133,11 +134,38 @@ def check_lm_eval_tasks(tasks: list[str]) -> None:
                               + (f"; did you mean {near}?" if near else "") + " (`lm-eval ls tasks` lists them)")
 
 
+def _resolve_all(cfg: DictConfig) -> None:
+    """Every interpolation resolves (an unset ``${oc.env:...}`` names its key, not a traceback)."""
+    from omegaconf.errors import InterpolationResolutionError
+
+    try:
+        OmegaConf.to_container(cfg, resolve=True)
+    except InterpolationResolutionError as exc:
+        key = getattr(exc, "full_key", None) or "a config value"
+        raise ConfigError(f"{key}: {exc.msg if hasattr(exc, 'msg') else exc}; set the environment variable it "
+                          f"reads or pass {key}=<value>") from None
+
+
+def _check_cache_dir(path: Path) -> None:
+    """``cache_dir`` (env ``EMBER_CACHE``) is a directory this process can write."""
+    import tempfile
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cache_dir={str(path)!r} (env EMBER_CACHE) is not a writable directory ({exc.strerror}); "
+                          "point EMBER_CACHE or cache_dir=<dir> at one") from None
+
+
 def preflight(cfg: DictConfig) -> Checked:
     from ember.attacks import ATTACKS, check_attack_settings
     from ember.methods import get_method
 
+    _resolve_all(cfg)
     validate(cfg)
+    _check_cache_dir(Path(cfg.cache_dir))
     params: Any = OmegaConf.to_container(cfg.method.params, resolve=True)
     get_method(cfg.method.name, params)
     enabled = list((cfg.attacks or {}).get("enabled", []) or [])
@@ -150,8 +178,10 @@ def preflight(cfg: DictConfig) -> Checked:
         raise EmberError(f"concepts.names: no concepts found in {store.root}")
     concepts = [store.concept(n) for n in names]
     check_attack_settings(cfg.attacks, concepts)
-    check_lm_eval_tasks(list(cfg.eval.lm_eval_tasks or []))
+    check_lm_eval_tasks(list(cfg.eval.lm_eval_tasks or []), cfg.eval.lm_eval_include_path)
     starter = starter_store(cfg)
+    store.preload(names)  # every data file the job will read: a malformed one fails before any model loads
+    starter.preload()
     d, n_layers = peek_dims(cfg)
     if d is not None:
         validate_against_model(cfg, d)

@@ -89,10 +89,30 @@ def test_wrong_type_fails_at_compose(override: str) -> None:
         ("concepts.source=internet", "concepts.source"),
         ("model.size_class=huge", "model.size_class"),
         ("stages=[baseline,dance]", "stages"),
+        # counts where 0 or a negative number used to mean "all" or "all but n" (xs[:n]) without a word
+        ("eval.max_questions=-1", "eval.max_questions"),
+        ("eval.max_questions=0", "eval.max_questions"),
+        ("eval.coherence_n=-5", "eval.coherence_n"),
+        ("eval.perplexity_n=0", "eval.perplexity_n"),
+        ("eval.llm_threads=0", "eval.llm_threads"),
+        ("method.top_k_validate=0", "method.top_k_validate"),
+        ("ember.factorization.tol=-1", "ember.factorization.tol"),
+        ("ember.factorization.plateau_patience=0", "ember.factorization.plateau_patience"),
+        ("relearn.max_grad_norm=-1", "relearn.max_grad_norm"),
+        ("relearn.divergence_factor=-1", "relearn.divergence_factor"),
+        # settings that used to fail only when their stage ran, or as a raw traceback
+        ("relearn=lora;relearn.lora_rank=0", "relearn.lora_rank"),
+        ("relearn=lora;relearn.lora_alpha=0", "relearn.lora_alpha"),
+        ("eval.open_qa=true;eval.open_judge=llm", "eval.llm_endpoint"),
+        ("eval.coherence_judge=llm", "eval.llm_endpoint"),
+        ("ember.selector.name=ratio+llm", "ember.selector.llm_endpoint"),
+        ("model.dtype=bf16", "model.dtype"),
+        ("model.device=gpu", "model.device"),
+        ("ember.factorization.device=tpu", "ember.factorization.device"),
     ],
 )
 def test_out_of_range_value_names_the_key(override: str, key: str) -> None:
-    cfg = compose([override])
+    cfg = compose(override.split(";"))
     with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
         validate(cfg)
 
@@ -145,4 +165,12 @@ def test_combined_selectors_and_every_choice_validate() -> None:
     validate(compose(["ember.selector.name=ratio+"]))  # select_features ignores an empty part too
     for key, (choices, _) in CHOICES.items():
         for choice in choices:
-            validate(compose([f"{key}={choice}"]))
+            validate(compose([f"{key}={choice}", "eval.llm_endpoint=http://localhost:8000/v1"]))  # llm judges need one
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")
+def test_cuda_on_a_machine_without_it_fails_before_any_load() -> None:
+    for override in ("model.device=cuda", "ember.factorization.device=cuda:0"):
+        with pytest.raises(ConfigError, match="no CUDA device is visible"):
+            validate(compose([override]))
+    validate(compose(["model.device=cpu", "ember.factorization.device=auto"]))  # what works here passes

@@ -97,3 +97,17 @@ def test_an_unknown_lm_eval_task_fails_in_preflight_with_suggestions(tmp_path: P
     with pytest.raises(ConfigError, match=r"eval\.lm_eval_tasks: lm-eval has no task 'mmlu_stemm'.*mmlu_stem"):
         preflight(compose(["eval.lm_eval_tasks=[mmlu_stemm]"]))
     check_lm_eval_tasks(["mmlu_stem", "hellaswag"])  # known tasks pass
+
+
+def test_an_unwritable_cache_dir_or_an_unset_variable_names_the_key(tmp_path: Path, monkeypatch) -> None:
+    from ember.preflight import preflight
+
+    a_file = tmp_path / "afile"
+    a_file.write_text("x")
+    monkeypatch.setenv("EMBER_CACHE", str(a_file))
+    with pytest.raises(ConfigError, match=r"cache_dir=.*afile.*EMBER_CACHE.*not a writable directory"):
+        preflight(compose([]))
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path / "cache"))
+    monkeypatch.delenv("EMBER_TEST_UNSET", raising=False)
+    with pytest.raises(ConfigError, match=r"data\.release_dir: .*EMBER_TEST_UNSET"):
+        preflight(compose(["data.release_dir=${oc.env:EMBER_TEST_UNSET}"]))

@@ -33,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,6 +94,17 @@ def _batch(seqs: list[list[int]], pad: int, device: torch.device) -> dict[str, t
     return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "labels": labels.to(device)}
 
 
+def check_lora_targets(model: nn.Module, targets: Sequence[str]) -> None:
+    """Each of ``relearn.lora_targets`` names a Linear module of the model (peft matches a target
+    against the end of a module's dotted name); checked right after the model loads."""
+    linear = {n for n, m in model.named_modules() if isinstance(m, nn.Linear)}
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise ConfigError(f"relearn.lora_targets: no Linear module of this model is named {missing}; "
+                          f"its Linear modules end in {leaves}")
+
+
 def _wrap_lora(model: nn.Module, s: Mapping[str, Any]) -> nn.Module:
     from peft import LoraConfig, get_peft_model
 
@@ -102,7 +113,8 @@ def _wrap_lora(model: nn.Module, s: Mapping[str, Any]) -> nn.Module:
     try:
         return get_peft_model(model, cfg)
     except ValueError as exc:
-        raise ConfigError(f"relearn.lora_targets={list(s['lora_targets'])}: {exc}") from exc
+        raise ConfigError(f"relearn (LoRA: lora_rank={s['lora_rank']}, lora_alpha={s['lora_alpha']}, "
+                          f"lora_targets={list(s['lora_targets'])}): {exc}") from exc
 
 
 @dataclass
