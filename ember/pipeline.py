@@ -84,12 +84,12 @@ class ConceptRun:
         return stage in self.cfg.stages
 
     def _done(self, stage: str) -> bool:
-        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage)
+        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.concept.fingerprint())
 
     def _finish(self, stage: str, result: dict[str, Any], t0: float, status: str = "complete") -> dict[str, Any]:
         result = {**result, "seconds": round(time.perf_counter() - t0, 3)}
         self.timings[stage] = result["seconds"]
-        self.files.write_stage(self.slug, stage, result, status)
+        self.files.write_stage(self.slug, stage, result, status, data=self.concept.fingerprint())
         metrics = result.get("metrics") or {}
         self.logger.summary(f"{self.slug}/{stage}", metrics)
         log.info("[%s] %s %s in %.1fs", self.concept.name, stage, status, result["seconds"])
@@ -665,7 +665,7 @@ def run_job(cfg: DictConfig) -> float | None:
     log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
     for c in concepts:
         log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
-    if not cfg.overwrite and all(all_done(cfg, files, c.slug) for c in concepts):
+    if not cfg.overwrite and all(all_done(cfg, files, c) for c in concepts):
         log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
         results = {c.name: collect_concept(files, c.slug) for c in concepts}
         log.info("\n%s\n\njob dir: %s", format_results(results), out)
@@ -722,5 +722,6 @@ def stages_wanted(cfg: DictConfig) -> list[str]:
     return out
 
 
-def all_done(cfg: DictConfig, files: JobFiles, slug: str) -> bool:
-    return all(files.stage_done(slug, s) for s in stages_wanted(cfg))
+def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData) -> bool:
+    fp = concept.fingerprint()
+    return all(files.stage_done(concept.slug, s, fp) for s in stages_wanted(cfg))

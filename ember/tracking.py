@@ -82,14 +82,20 @@ class JobFiles:
         for p in self.partial_path(concept_slug, prefix).parent.glob(f"{prefix}*.json"):
             p.unlink(missing_ok=True)
 
-    def stage_done(self, concept_slug: str, stage: str) -> bool:
+    def stage_done(self, concept_slug: str, stage: str, data: str | None = None) -> bool:
+        """The stage finished (complete, skipped or failed) on this data: a record written from other
+        concept data (``data``: the concept's fingerprint, stored by :meth:`write_stage`) is stale."""
         p = self.stage_path(concept_slug, stage)
         if not p.exists():
             return False
         try:
-            return json.loads(p.read_text()).get("status") in ("complete", "skipped", "failed")
+            rec = json.loads(p.read_text())
         except (json.JSONDecodeError, OSError):
             return False
+        if data is not None and rec.get("data", data) != data:  # records without one predate the check
+            log.warning("%s: the concept's data changed since this stage ran: recomputing it", p)
+            return False
+        return rec.get("status") in ("complete", "skipped", "failed")
 
     def read_stage(self, concept_slug: str, stage: str) -> dict[str, Any] | None:
         p = self.stage_path(concept_slug, stage)
@@ -98,13 +104,16 @@ class JobFiles:
         except (FileNotFoundError, json.JSONDecodeError):
             return None
 
-    def write_stage(self, concept_slug: str, stage: str, result: dict[str, Any], status: str = "complete") -> None:
+    def write_stage(self, concept_slug: str, stage: str, result: dict[str, Any], status: str = "complete",
+                    data: str | None = None) -> None:
         # The stage status is the pipeline's. A result's own "status" (the relearning result carries
         # "ok"/"diverged") must not replace it: it did, so relearn.json never read as finished and
         # every rerun redid the relearning. It is kept as "result_status".
         rec = {"status": status, "stage": stage, **{k: v for k, v in result.items() if k != "status"}}
         if "status" in result:
             rec["result_status"] = result["status"]
+        if data is not None:
+            rec["data"] = data
         atomic_write_json(self.stage_path(concept_slug, stage), rec)
 
     def write_table(self, concept_slug: str, name: str, rows: list[dict[str, Any]]) -> Path:

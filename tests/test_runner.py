@@ -370,3 +370,31 @@ def test_lora_targets_are_checked_against_the_model(tiny) -> None:
     check_lora_targets(tiny.model, ["q_proj", "v_proj"])
     with pytest.raises(ConfigError, match=r"relearn\.lora_targets: .*\['qproj'\].*q_proj"):
         check_lora_targets(tiny.model, ["q_proj", "qproj"])
+
+
+@pytest.mark.timeout(300)
+def test_a_finished_stage_is_recomputed_when_the_concept_data_changed(tmp_path):
+    """Job directories are named by the overrides, so a data fix re-runs in the same directory: the stage
+    records carry the concept's data fingerprint and a stale one is recomputed, not reused."""
+    import shutil
+
+    from ember.paths import STARTER_DIR
+
+    data = tmp_path / "starter"
+    shutil.copytree(STARTER_DIR, data)
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    args = [f"data.starter_dir={data}", "ember=off", "stages=[baseline]", f"hydra.run.dir={job}"]
+    jobs.run_ember(args, cache)
+    (concept,) = jobs.concept_dirs(job)
+    first = jobs.read_json(concept / "baseline.json")
+    again = jobs.run_ember(args, cache)
+    assert "every stage of every concept is complete" in again.stdout + again.stderr  # unchanged data: reused
+
+    mc = jobs.read_json(data / "mc_questions.json")
+    mc["Harry Potter"]["QA_test"][0]["q"] += " (reworded)"
+    (data / "mc_questions.json").write_text(json.dumps(mc))
+    fixed = jobs.run_ember(args, cache)
+    assert "the concept's data changed since this stage ran: recomputing it" in fixed.stdout + fixed.stderr
+    second = jobs.read_json(concept / "baseline.json")
+    assert second["data"] != first["data"] and second["status"] == "complete"
