@@ -275,12 +275,24 @@ def load_hub(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, bool]:
         tok = AutoTokenizer.from_pretrained(cfg.hub_id)
         model = AutoModelForCausalLM.from_pretrained(cfg.hub_id, dtype=_DTYPES[cfg.dtype])
     except (OSError, ValueError) as exc:
-        raise ModelUnavailableError(
-            f"model.hub_id='{cfg.hub_id}' is not available on this machine ({type(exc).__name__}). "
-            "Download it where a hub is reachable (`huggingface-cli download "
-            f"{cfg.hub_id}`) and copy the HF cache here, or set model.hub_id=/path/to/a/local/copy."
-        ) from exc
+        raise ModelUnavailableError(hub_unavailable_message(str(cfg.hub_id), exc)) from exc
     return model, tok, f"hub:{cfg.hub_id}", False
+
+
+def hub_unavailable_message(hub_id: str, exc: Exception) -> str:
+    """Why ``model.hub_id`` could not be loaded and the fix: a local path that is missing or holds no
+    model, or a hub id this offline machine has not cached."""
+    reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+    path = Path(hub_id).expanduser()
+    if hub_id.startswith(("/", ".", "~")) or path.exists():
+        if not path.exists():
+            return f"model.hub_id='{hub_id}': no such directory; point it at a saved model (config.json + weights)"
+        found = sorted(p.name for p in path.iterdir())[:8] if path.is_dir() else []
+        return (f"model.hub_id='{hub_id}' holds no loadable model ({reason}); it needs config.json, the weights "
+                f"(model*.safetensors) and the tokenizer files; found {found}")
+    return (f"model.hub_id='{hub_id}' is not available on this machine ({reason}). Download it where a hub is "
+            f"reachable (`huggingface-cli download {hub_id}`) and copy the HF cache here, or set "
+            "model.hub_id=/path/to/a/local/copy.")
 
 
 def _stand_in_tokenizer(cfg: Any, cache_root: Path) -> Any:

@@ -74,6 +74,19 @@ def test_missing_hub_model_says_what_to_do(cache_dir: Path) -> None:
         load_model(cfg, cache_root=cache_dir)
 
 
+def test_a_local_hub_path_that_is_missing_or_holds_no_model_says_which(cache_dir: Path, tmp_path: Path) -> None:
+    cfg = model_preset("gemma2_2b_it")
+    cfg.hub_id = str(tmp_path / "no" / "such" / "model")
+    with pytest.raises(ModelUnavailableError, match="no such directory") as exc:
+        load_model(cfg, cache_root=cache_dir)
+    assert "huggingface-cli" not in str(exc.value)  # a path is not a hub id
+    (tmp_path / "empty_model").mkdir()
+    (tmp_path / "empty_model" / "notes.txt").write_text("x")
+    cfg.hub_id = str(tmp_path / "empty_model")
+    with pytest.raises(ModelUnavailableError, match=r"holds no loadable model.*config\.json.*notes\.txt"):
+        load_model(cfg, cache_root=cache_dir)
+
+
 def test_missing_package_says_what_to_do(cache_dir: Path) -> None:
     cfg = model_preset("smollm2_135m")
     cfg.package = "no_such_model_pkg"
