@@ -182,3 +182,22 @@ def test_data_settings_change_with_the_evaluation_data(tiny, store: ConceptStore
     assert held["ppl"] != general["ppl"] and held["qa"] == general["qa"]
     assert test["qa"] != held["qa"] and test["ppl"] == held["ppl"]
     assert "coherence" not in suite.data_settings(tiny.tokenizer, concept, store, _cfg(coherence=False), "train")
+
+
+def test_a_store_without_instructions_says_it_uses_the_starter_sets(tmp_path, caplog) -> None:
+    import logging
+    import shutil
+
+    from ember.data import ConceptStore
+    from ember.evals.suite import instructions
+    from ember.paths import STARTER_DIR
+
+    shutil.copytree(STARTER_DIR, tmp_path / "data")
+    (tmp_path / "data" / "instructions.json").unlink()
+    own = ConceptStore(tmp_path / "data")
+    with caplog.at_level(logging.INFO, logger="ember.evals.suite"):
+        got = instructions(own)
+        instructions(own)
+    assert got == ConceptStore(STARTER_DIR).instructions and got
+    said = [r.getMessage() for r in caplog.records if "has no instructions.json" in r.getMessage()]
+    assert len(said) == 1 and str(STARTER_DIR) in said[0]  # once, naming where they come from

@@ -236,21 +236,33 @@ def test_attacks_and_relearning_compare_like_with_like_in_letter_mode(tmp_path):
 
 
 @pytest.mark.timeout(300)
-def test_a_failing_attack_loses_nothing_already_computed(tmp_path):
-    """The jailbreak finishes, in-context priming fails: the jailbreak's result is kept and reused."""
+def test_a_killed_attacks_stage_loses_nothing_already_computed(tmp_path):
+    """The jailbreak finishes, the job is killed during a long GCG run: the jailbreak's result is kept and
+    reused by the relaunch (whose GCG settings differ: only GCG's own kept result would depend on them)."""
+    import signal
+    import time
+
     cache = jobs.make_cache(tmp_path / "cache")
     job = tmp_path / "job"
-    common = ["attacks=prompting", "attacks.enabled=[jailbreak,incontext]", "attacks.jailbreak.templates=[answer_only]",
-              f"hydra.run.dir={job}"]
-    failed = jobs.run_ember([*common, "attacks.incontext.source=[bogus]"], cache, check=False)
-    assert failed.returncode != 0
-    (concept,) = jobs.concept_dirs(job)
-    assert (concept / "partial" / "attack_jailbreak.json").exists()
-    again = jobs.run_ember(common, cache)
+    common = ["attacks=all", "attacks.enabled=[jailbreak,gcg]", "attacks.jailbreak.templates=[answer_only]",
+              "attacks.gcg.n_train_questions=1", "attacks.gcg.n_candidates=4", f"hydra.run.dir={job}"]
+    proc = jobs.start_ember([*common, "attacks.gcg.steps=100000"], cache, tmp_path / "killed.log")
+    kept = job / "Harry_Potter" / "partial" / "attack_jailbreak.json"
+    try:
+        deadline = time.monotonic() + 240
+        while not kept.exists() and proc.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert kept.exists(), (tmp_path / "killed.log").read_text()[-3000:]
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    kept_out = jobs.read_json(kept)["result"]["out"]
+    again = jobs.run_ember([*common, "attacks.gcg.steps=1"], cache)
     assert "attack_jailbreak finished before this job was interrupted: reused" in again.stdout + again.stderr
-    attacks = jobs.read_json(concept / "attacks.json")
-    assert attacks["status"] == "complete" and set(attacks["attacks"]) == {"jailbreak", "incontext"}
-    assert not list((concept / "partial").glob("attack_*.json"))  # cleared once the stage is complete
+    attacks = jobs.read_json(job / "Harry_Potter" / "attacks.json")
+    assert attacks["status"] == "complete" and set(attacks["attacks"]) == {"jailbreak", "gcg"}
+    assert attacks["attacks"]["jailbreak"] == kept_out
+    assert not list((job / "Harry_Potter" / "partial").glob("attack_*.json"))  # cleared once the stage is complete
 
 
 @pytest.mark.timeout(300)

@@ -101,18 +101,26 @@ def _starter() -> ConceptStore | None:
     return ConceptStore(STARTER_DIR, label="the starter set") if STARTER_DIR.is_dir() else None
 
 
+_FALLBACKS_SAID: set[tuple[str, str]] = set()
+
+
+def _from_store_or_starter(store: ConceptStore, attr: str, filename: str) -> list[Any]:
+    """``store.<attr>``, else the packaged starter set's, which is said once per (store, file)."""
+    items = getattr(store, attr)
+    if not items and (s := _starter()) is not None:
+        items = getattr(s, attr)
+        if (str(store.root), filename) not in _FALLBACKS_SAID and store.root.resolve() != s.root.resolve():
+            _FALLBACKS_SAID.add((str(store.root), filename))
+            log.info("%s has no %s: using the packaged starter set's (%s)", store.root, filename, s.root)
+    return list(items)
+
+
 def control_facts(store: ConceptStore) -> list[MCQuestion]:
-    facts = store.control_facts
-    if not facts and (s := _starter()) is not None:
-        facts = s.control_facts
-    return list(facts)
+    return _from_store_or_starter(store, "control_facts", "control_facts.json")
 
 
 def instructions(store: ConceptStore) -> list[str]:
-    ins = store.instructions
-    if not ins and (s := _starter()) is not None:
-        ins = s.instructions
-    return list(ins)
+    return _from_store_or_starter(store, "instructions", "instructions.json")
 
 
 def perplexity_texts(store: ConceptStore, cfg: Any) -> tuple[list[str], str]:
