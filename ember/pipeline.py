@@ -14,6 +14,7 @@ import logging
 import math
 import time
 import traceback
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -82,6 +83,10 @@ class ConceptRun:
     # -- helpers -------------------------------------------------------------------------------
     def _want(self, stage: str) -> bool:
         return stage in self.cfg.stages
+
+    @cached_property
+    def model_key(self) -> str:
+        return model_cache_key(self.lm)
 
     def _done(self, stage: str) -> bool:
         return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.concept.fingerprint())
@@ -197,7 +202,7 @@ class ConceptRun:
             return float(e.delta), []
         if len(self._plan) == 0:
             return 0.0, []
-        key = {"model": self.lm.facts.source, "concept": self.concept.name,
+        key = {"model": self.model_key, "concept": self.concept.name,
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
                "fact": OmegaConf.to_container(e.factorization, resolve=True), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
@@ -311,7 +316,7 @@ class ConceptRun:
             for name in ("grid.jsonl", "grid_validate.jsonl"):
                 (out_dir / name).unlink(missing_ok=True)
         context = settings_hash({
-            "model": self.lm.facts.source, "seed": self.cfg.seed, "delta": delta, "base": base,
+            "model": self.model_key, "seed": self.cfg.seed, "delta": delta, "base": base,
             "gate": self.cfg.method.retention_gate,
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
@@ -436,7 +441,8 @@ class ConceptRun:
     def _one_attack(self, name: str, settings: dict[str, Any], erased_acc: float | None, base_acc: float | None,
                     reference: str) -> dict[str, Any]:
         """One attack on the erased model and its control on the unedited model (cached across jobs)."""
-        from ember.attacks import ATTACKS, AttackContext, attack_code_version, recovered_fraction
+        from ember.attacks import ATTACKS, AttackContext, attack_code_version
+        from ember.attacks.base import attack_recovered
 
         # max_questions: attacks score the same (capped) QA_test questions as baseline/evaluate, so the
         # recovered fraction compares like with like (without it they scored every question)
@@ -447,7 +453,7 @@ class ConceptRun:
         t_attack = time.perf_counter()
         attacked = ATTACKS[name](self.work, self.lm.tokenizer, self.concept, settings, ctx)
         t_attack = time.perf_counter() - t_attack
-        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": name,
+        key = {"model": self.model_key, "concept": self.concept.name, "attack": name,
                "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
                "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name),
                "template": self.cfg.eval.prompt_template, "data": self.concept.fingerprint()}
@@ -459,7 +465,7 @@ class ConceptRun:
         t_control = time.perf_counter()
         ctrl = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key, control)
         t_control = time.perf_counter() - t_control  # about 0 when the control came from the cache
-        rec = recovered_fraction(attacked.accuracy, erased_acc, base_acc) if erased_acc is not None else math.nan
+        rec = attack_recovered(attacked, erased_acc, base_acc)
         log.info("[%s] attack %-14s acc %.3f (control on unedited model %.3f, recovered %.2f) in %.1fs + %.1fs control",
                  self.concept.name, name, attacked.accuracy, ctrl.accuracy, rec, t_attack, t_control)
         return {
@@ -509,7 +515,7 @@ class ConceptRun:
         qs = questions(self.concept, ctx.eval_split, self.cfg.eval.max_questions)
         erased = ctx.score_plain(self.work, self.lm.tokenizer, qs).acc
         # the unedited model's score is the same for every job on this model and concept: cached
-        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": "plain (loglik)",
+        key = {"model": self.model_key, "concept": self.concept.name, "attack": "plain (loglik)",
                "template": self.cfg.eval.prompt_template, "max_questions": self.cfg.eval.max_questions,
                "data": self.concept.fingerprint(), "code": attack_code_version()}
         base = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key,
@@ -572,7 +578,7 @@ class ConceptRun:
             log.warning("[%s] relearn.in_place=true: no control run (relearning the unedited model in place would "
                         "change it for later stages); set relearn.control=false to silence this", self.concept.name)
             return None
-        key = {"model": self.lm.facts.source, "concept": self.concept.name, "attack": "relearn",
+        key = {"model": self.model_key, "concept": self.concept.name, "attack": "relearn",
                "settings": {k: v for k, v in settings.items() if k != "control"}, "seed": self.cfg.seed,
                "master_weights": bool(self.cfg.model.master_weights),
                "max_questions": self.cfg.eval.max_questions, "template": self.cfg.eval.prompt_template,
@@ -705,6 +711,17 @@ def run_job(cfg: DictConfig) -> float | None:
     if failures:
         raise EmberError(f"{len(failures)} concept(s) failed: {failures}; see FAILED.txt in {out}")
     return _objective(results)
+
+
+def model_cache_key(lm: Any) -> str:
+    """What cached results computed from the unedited model depend on: its source, dtype and weights
+    (``model_identity``: a changed dtype or seed of a random model is another model) and its chat
+    template (jailbreak templates and letter scoring render it)."""
+    from ember.cache import key_hash
+    from ember.evals.baseline import model_identity
+
+    template = getattr(lm.tokenizer, "chat_template", None)
+    return f"{lm.facts.source}|{model_identity(lm.model, lm.facts)}|chat:{key_hash({'t': template})}"
 
 
 def _objective(results: dict[str, dict[str, Any]]) -> float | None:

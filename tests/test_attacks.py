@@ -219,6 +219,9 @@ def test_token_evasion_rewrites_avoid_the_edited_tokens(tiny) -> None:
     assert P.term_aliases("Harry Potter", terms) == ["Harry James Potter", "Potter", "Harry", "H.P."]
     assert P.term_aliases("Hermione Granger", terms) == ["Hermione", "Granger", "H.G."]
     assert P.term_aliases("Hogwarts", terms) == []  # other entities are not aliases
+    sw = ["Star Wars", "Luke Skywalker", "Anakin Skywalker", "Death Star", "Darth Vader"]
+    assert "Anakin Skywalker" not in P.term_aliases("Luke Skywalker", sw)  # a shared word is not the same entity
+    assert "Death Star" not in P.term_aliases("Star Wars", sw)
     rw = P.rewrite_text(tok, "Who is Harry Potter's best friend?", edited, ("alias",), terms)
     assert rw.text == "Who is H.P.'s best friend?" and rw.avoided
     # case changes first: lower-case words tokenise differently
@@ -256,7 +259,7 @@ def test_token_evasion_attack(tiny, concept, monkeypatch) -> None:
     # without edited tokens (EMBER off, or the control) the key terms' own tokens are the target
     res2 = ATTACKS["token_evasion"](tiny.model, tok, concept, {"variants": ["auto"]}, AttackContext())
     assert res2.extra["edited_source"] == "key_terms" and res2.extra["variants"]["auto"]["frac_avoided"] == 1.0
-    fallback = P.key_term_token_ids(tok, concept.key_terms)
+    fallback = P.single_token_key_term_ids(tok, concept.key_terms)
     assert _ids(tok, " Harry", " Potter", " Boy") <= fallback
     assert not _ids(tok, " Who", " The", "H", "ter", " Hog") & fallback  # stop words and sub-word pieces stay out
 
@@ -430,3 +433,83 @@ def test_attack_code_version_keys_the_control_cache_by_source():
     assert versions == {n: attack_code_version(n) for n in ATTACKS}  # deterministic
     assert versions["gcg"] != versions["probe"] != versions["jailbreak"]  # different modules, different digests
     assert versions["jailbreak"] == versions["incontext"]  # same module (prompting.py)
+
+
+def test_logit_lens_credit_is_shared_by_options_with_the_same_first_token() -> None:
+    """Options starting with the same token tie; the correct one among k tied winners earns 1/k. (It
+    earned full credit when winners were counted as distinct token ids: a question whose four options all
+    start with " The" scored 1.0 at every layer.)"""
+    from ember.attacks.probe import first_token_credit
+
+    same = torch.tensor([[2.0, 2.0, 2.0, 2.0]])  # all four options share their first token
+    assert first_token_credit(same, [1]).tolist() == [0.25]
+    two = torch.tensor([[3.0, 3.0, 1.0, 0.0], [3.0, 3.0, 1.0, 0.0], [0.0, 5.0, 1.0, 2.0]])
+    assert first_token_credit(two, [0, 2, 1]).tolist() == [0.5, 0.0, 1.0]
+
+
+def test_a_probe_readout_gets_no_recovered_fraction() -> None:
+    """A probe reads hidden states, not the options' log-likelihoods: dividing its gain by the plain gap
+    would mix scales, so its recovered fraction is NaN; a prompting attack's is the usual ratio."""
+    from ember.attacks.base import attack_recovered
+
+    probe = AttackResult("probe", 0.65, comparable_to_plain=False)
+    assert math.isnan(attack_recovered(probe, 0.3, 0.9))
+    assert math.isnan(summary_row(probe, None, 0.3, 0.9)["recovered_fraction"])
+    assert attack_recovered(AttackResult("jailbreak", 0.6), 0.3, 0.9) == pytest.approx(0.5)
+
+
+def test_attack_code_version_follows_the_shared_scoring_code(monkeypatch) -> None:
+    """A control cached before a fix of the option scorer (ember.evals.mc) must not be reused after it."""
+    import inspect
+
+    from ember.attacks import attack_code_version
+    from ember.evals import mc
+
+    before = {n: attack_code_version(n) for n in ("jailbreak", "gcg", "probe", "relearn", None)}
+    real = inspect.getsource
+    monkeypatch.setattr(inspect, "getsource", lambda obj: real(obj) + ("# fixed" if obj is mc else ""))
+    after = {n: attack_code_version(n) for n in before}
+    assert all(before[n] != after[n] for n in before)
+
+
+def test_cached_controls_are_keyed_by_the_model_weights_dtype_and_chat_template(tiny) -> None:
+    """The attack, relearning and delta-choice caches used the model's source alone: a bf16 run after a
+    float32 one (or another random seed, or another chat template) reused the other model's controls."""
+    import copy
+    import dataclasses
+
+    from ember.pipeline import model_cache_key
+
+    base = model_cache_key(tiny)
+    assert model_cache_key(tiny) == base  # stable
+    bf16 = dataclasses.replace(tiny, model=copy.deepcopy(tiny.model).to(torch.bfloat16))
+    other = copy.deepcopy(tiny.model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1.0)
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.chat_template = "{{ messages[0]['content'] }}"
+    keys = {model_cache_key(bf16), model_cache_key(dataclasses.replace(tiny, model=other)),
+            model_cache_key(dataclasses.replace(tiny, tokenizer=tok))}
+    assert base not in keys and len(keys) == 3
+
+
+GEMMA2_LIKE_TEMPLATE = (  # refuses a system turn, as google/gemma-2-2b-it's template does
+    "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "<start_of_turn>user\n{{ m['content'] }}<end_of_turn>\n{% endfor %}"
+    "{% if add_generation_prompt %}<start_of_turn>model\n{% endif %}")
+
+
+def test_system_override_survives_a_template_without_system_turns_and_renders_no_bos(tiny) -> None:
+    import copy
+
+    from ember.attacks.prompting import JAILBREAKS, jailbreak_wrap
+
+    tok = copy.deepcopy(tiny.tokenizer)
+    tok.chat_template = GEMMA2_LIKE_TEMPLATE
+    pre, post = jailbreak_wrap(JAILBREAKS["system_override"], tok, "Harry Potter")
+    assert pre.startswith("<start_of_turn>user\nSYSTEM OVERRIDE")  # the system text, in the user turn
+    assert post.endswith("<start_of_turn>model\n")
+    tok.chat_template = "{{ bos_token }}{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}"
+    pre, _ = jailbreak_wrap(JAILBREAKS["system_override"], tok, "Harry Potter")
+    assert not pre.startswith(tok.bos_token) and pre.startswith("[system]")  # the scorer decides BOS

@@ -66,11 +66,18 @@ def attack_code_version(name: str | None = None) -> str:
     import inspect
     import sys
 
-    from ember.attacks import base
-    from ember.evals import loglik
+    from ember import models
+    from ember.attacks import _lm, base
+    from ember.evals import loglik, mc
 
+    shared = [base, _lm, loglik, mc, models]  # scoring, model plumbing (layers, embed scale, BOS)
+    if name == "relearn":  # its curve is scored by the job's scorer, through the suite; fp32 master weights
+        from ember import master_weights
+        from ember.evals import suite
+
+        shared += [suite, master_weights]
     h = hashlib.sha256()
-    modules = (base, loglik) if name is None else (sys.modules[get_attack(name).__module__], base, loglik)
+    modules = shared if name is None else [sys.modules[get_attack(name).__module__], *shared]
     for mod in modules:
         h.update(inspect.getsource(mod).encode())
     return h.hexdigest()[:16]

@@ -73,6 +73,9 @@ class AttackResult:
     seconds: float = 0.0
     status: str = "ok"  # ok | diverged | skipped
     reason: str = ""
+    # False when ``accuracy`` is not read the way the plain accuracy is (a probe's readout of hidden
+    # states, not the model's option log-likelihoods): no recovered fraction, which would mix scales
+    comparable_to_plain: bool = True
 
     def summary(self) -> dict[str, Any]:
         """The scalar part (no rows), for logs and result tables."""
@@ -89,6 +92,14 @@ class AttackResult:
 class AttackFn(Protocol):
     def __call__(self, model: nn.Module, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
                  ctx: AttackContext) -> AttackResult: ...
+
+
+def attack_recovered(attacked: AttackResult, erased_acc: float | None, base_acc: float | None) -> float:
+    """The attack's recovered fraction of the base-to-erased gap; NaN without reference accuracies or
+    when the attack reads its accuracy another way than the plain accuracy (``comparable_to_plain``)."""
+    if erased_acc is None or base_acc is None or not attacked.comparable_to_plain:
+        return float("nan")
+    return recovered_fraction(attacked.accuracy, erased_acc, base_acc)
 
 
 def summary_row(attacked: AttackResult, control: AttackResult | None, erased_acc: float, base_acc: float,
@@ -109,7 +120,7 @@ def summary_row(attacked: AttackResult, control: AttackResult | None, erased_acc
         "attacked_acc": attacked.accuracy,
         "control_acc": ctrl,
         "control_gain": ctrl - base_acc if math.isfinite(ctrl) else float("nan"),
-        "recovered_fraction": recovered_fraction(attacked.accuracy, erased_acc, base_acc),
+        "recovered_fraction": attack_recovered(attacked, erased_acc, base_acc),
         "seconds": round(attacked.seconds, 2),
     }
 

@@ -97,11 +97,18 @@ def logit_lens_correct(model: nn.Module, states: torch.Tensor, first_ids: list[l
         h = states[layer].to(dev, dtype=next(model.parameters()).dtype)
         logits = lm_logits(model, norm(h)).float()  # (n, vocab)
         opt = logits.gather(1, idx)  # (n, 4)
-        for i, a in enumerate(answers):
-            best = opt[i].max()
-            winners = {first_ids[i][j] for j in range(opt.shape[1]) if opt[i, j] == best}
-            out[layer, i] = 1.0 / len(winners) if first_ids[i][a] in winners else 0.0
+        out[layer] = first_token_credit(opt, answers)
     return out
+
+
+def first_token_credit(option_logits: torch.Tensor, answers: list[int]) -> torch.Tensor:
+    """(n,) credit per question from its options' first-token logits (n, n_options): 1/k when the correct
+    option is among the k options with the highest logit, else 0. Options that share a first token share
+    its logit, so they tie: four options all starting with " The" earn 1/4 (chance), not full credit."""
+    best = option_logits.max(dim=1, keepdim=True).values
+    tied = option_logits == best  # (n, n_options)
+    right = tied[torch.arange(len(answers)), torch.tensor(answers)]
+    return right.float() / tied.sum(dim=1).float()
 
 
 def _prep(x_train: torch.Tensor, x_test: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -203,6 +210,7 @@ def run_probe(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
     n_amb = sum(len(set(c[0] for c in cs)) < len(cs) for cs in te_conts)
     return AttackResult(
         name="probe", accuracy=max(per.values()), per_variant=per, rows=rows, n=len(test_qs), seconds=t.seconds,
+        comparable_to_plain=False,  # a readout of hidden states: compare with the control, not the plain gap
         extra={"lens_layer": lens_row["layer"], "probe_layer": probe_row["layer"],
                "lens_max_over_layers": max(r["lens_test_acc"] for r in rows),
                "probe_max_over_layers": max(r["probe_test_acc"] for r in rows),

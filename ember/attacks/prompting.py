@@ -32,8 +32,7 @@ from ember.attacks.base import (
 )
 from ember.data import MCQuestion
 from ember.errors import ConfigError
-from ember.evals.loglik import wants_bos
-from ember.evals.mc import score_loglik
+from ember.evals.mc import score_loglik, strip_bos
 
 # --------------------------------------------------------------------------------------------------
 # jailbreak / role-play templates
@@ -139,24 +138,33 @@ def _fill(text: str, concept_name: str) -> str:
     return text.replace("{concept}", concept_name)
 
 
-def jailbreak_wrap(jb: Jailbreak, tok: Any, concept_name: str, strip_bos: bool = False) -> tuple[str, str]:
+def jailbreak_wrap(jb: Jailbreak, tok: Any, concept_name: str) -> tuple[str, str]:
     """The (prefix, suffix) that ``score_loglik`` puts around ``template.format(q=...)``.
 
-    ``strip_bos`` drops a literal BOS the chat template renders (the scorer adds one itself for the
-    model families that need it, e.g. Gemma)."""
+    A system-prompt template is rendered with the tokenizer's chat template, without the literal BOS it
+    may render at its start (the scorer decides BOS for every prompt alike, so the attacked and the
+    plain prompt differ only by the attack); a BOS text the template also writes before every turn is a
+    turn marker and stays. A chat template that refuses a system turn (Gemma-2's) gets the system
+    text at the start of the user turn instead, as Gemma-3's template does itself."""
     prefix, suffix = _fill(jb.prefix, concept_name), _fill(jb.suffix, concept_name)
     if jb.system is None:
         return prefix, suffix
     system = _fill(jb.system, concept_name)
     if getattr(tok, "chat_template", None):
-        rendered = tok.apply_chat_template(
-            [{"role": "system", "content": system}, {"role": "user", "content": CHAT_SENTINEL}],
-            tokenize=False, add_generation_prompt=True,
-        )
+        from jinja2.exceptions import TemplateError
+
+        try:
+            rendered = tok.apply_chat_template(
+                [{"role": "system", "content": system}, {"role": "user", "content": CHAT_SENTINEL}],
+                tokenize=False, add_generation_prompt=True,
+            )
+        except TemplateError:  # e.g. "System role not supported"
+            rendered = tok.apply_chat_template([{"role": "user", "content": f"{system}\n\n{CHAT_SENTINEL}"}],
+                                               tokenize=False, add_generation_prompt=True)
         pre, post = rendered.split(CHAT_SENTINEL)
         bos = getattr(tok, "bos_token", None)
-        if strip_bos and bos and pre.startswith(bos):
-            pre = pre[len(bos):]
+        if bos and rendered.count(bos) == 1:  # a real BOS, not a turn marker (SmolLM2's BOS is <|im_start|>)
+            pre = strip_bos(tok, pre)
         return pre + prefix, suffix + post
     return f"System: {system}\n\n" + prefix, suffix
 
@@ -188,7 +196,7 @@ def run_jailbreak(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | N
     with Timer() as t:
         plain = score_loglik(model, tok, qs, template=ctx.template, batch_size=ctx.batch_size)
         for n in names:
-            pre, post = jailbreak_wrap(JAILBREAKS[n], tok, concept.name, strip_bos=wants_bos(model, tok))
+            pre, post = jailbreak_wrap(JAILBREAKS[n], tok, concept.name)
             r = score_loglik(model, tok, qs, template=ctx.template, batch_size=ctx.batch_size,
                              progress=ctx.progress, prefix=pre, suffix=post)
             per[n] = r.acc
@@ -368,16 +376,22 @@ def word_variants(word: str, strategy: str) -> list[str]:
 
 
 def term_aliases(term: str, key_terms: Sequence[str]) -> list[str]:
-    """Other names for a key term: key terms sharing a word with it, its own words, its initials.
+    """Other names for a key term: key terms whose words contain its words or are contained in them
+    (one names the same entity more or less fully), its own words, its initials.
 
     Key terms are the concept's names and entities, not synonyms: "Hogwarts" is never replaced by
     "Dumbledore", but "Hermione Granger" may become "Hermione" (a key term, or one of its words) or
-    "H.G.".
+    "H.G.". Sharing a word is not enough: "Luke Skywalker" never becomes "Anakin Skywalker", nor
+    "Star Wars" "Death Star" (the question would ask about someone else).
     """
     words = term.split()
     mine = {w.lower() for w in words} - _STOPWORDS
-    out = [t for t in key_terms
-           if t.lower() != term.lower() and mine & ({w.lower() for w in t.split()} - _STOPWORDS)]
+
+    def same_entity(t: str) -> bool:
+        theirs = {w.lower() for w in t.split()} - _STOPWORDS
+        return bool(mine and theirs) and (mine <= theirs or theirs <= mine)
+
+    out = [t for t in key_terms if t.lower() != term.lower() and same_entity(t)]
     if len(words) > 1:
         out += sorted((w for w in words if w.lower() not in _STOPWORDS), key=len, reverse=True)
         out.append(".".join(w[0].upper() for w in words) + ".")
@@ -467,7 +481,7 @@ def rewrite_text(tok: Any, text: str, edited: set[int], strategies: Sequence[str
     return Rewrite(text, changes, needed=True, avoided=avoids(tok, text, edited))
 
 
-def key_term_token_ids(tok: Any, key_terms: Sequence[str]) -> set[int]:
+def single_token_key_term_ids(tok: Any, key_terms: Sequence[str]) -> set[int]:
     """A stand-in edited set built from the key terms, for jobs that edited no tokens.
 
     The words of the key terms (stop words excepted) that are a single token, with and without a
@@ -519,7 +533,7 @@ def run_token_evasion(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any]
     edited = set(int(i) for i in ctx.edited_token_ids)
     source = "edited"
     if not edited and s["fallback"] == "key_terms":
-        edited, source = key_term_token_ids(tok, concept.key_terms or [concept.name]), "key_terms"
+        edited, source = single_token_key_term_ids(tok, concept.key_terms or [concept.name]), "key_terms"
     key_terms = list(dict.fromkeys([*(concept.key_terms or []), concept.name]))
     qs = questions(concept, ctx.eval_split, ctx.max_questions)
     per: dict[str, float] = {}
