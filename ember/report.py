@@ -260,7 +260,11 @@ def attack_table(df: pd.DataFrame) -> pd.DataFrame:
                 ("recovered", f"attacks/{name}_recovered"))}
             sc = f"attacks/{name}_scorer"
             scorer = "; ".join(sorted(set(used[sc].dropna().astype(str)))) if sc in used else ""
-            out.append({**key, "attack": name, "n": len(used), **mean, "scorer": scorer or "-"})
+            rc = f"attacks/{name}_recovered"
+            # the recovered mean is over the rows that have one (NaN: no gap, or a probe readout)
+            n_rec = int(pd.to_numeric(used[rc], errors="coerce").notna().sum()) if rc in used else 0
+            out.append({**key, "attack": name, "n": len(used), **mean, "n_recovered": n_rec,
+                        "scorer": scorer or "-"})
     return pd.DataFrame(out)
 
 

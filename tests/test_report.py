@@ -67,6 +67,17 @@ def test_attack_erased_column_is_the_attack_scorers(tmp_path) -> None:
     assert row.scorer.startswith("loglik")
 
 
+def test_attack_table_says_how_many_rows_its_recovered_mean_covers(tmp_path) -> None:
+    """A probe (or a job with no gap) has no recovered fraction: the mean is over the others, and
+    ``n_recovered`` says over how many."""
+    _job(tmp_path, "a", True, {"probe": (0.5, 0.65, float("nan")), "jailbreak": (0.45, 0.95, 0.1)}, [0.4])
+    _job(tmp_path, "b", True, {"probe": (0.4, 0.65, float("nan")), "jailbreak": (0.5, 0.95, float("nan"))}, [0.4])
+    build_report(tmp_path, tmp_path / "out")
+    att = pd.read_csv(tmp_path / "out" / "report_attacks.csv").set_index("attack")
+    assert (att.loc["jailbreak", "n"], att.loc["jailbreak", "n_recovered"], att.loc["jailbreak", "recovered"]) == (2, 1, 0.1)
+    assert att.loc["probe", "n_recovered"] == 0 and pd.isna(att.loc["probe", "recovered"])
+
+
 def test_ablation_rows_per_delta(tmp_path) -> None:
     """experiment=ablation_delta: one row per ember.delta (numeric order), not one averaged row."""
     for i, (delta, eff) in enumerate([(10, 0.6), (2, 0.3), (100, 0.9)]):
