@@ -125,6 +125,12 @@ def summary_row(attacked: AttackResult, control: AttackResult | None, erased_acc
     }
 
 
+def require_int(attack: str, key: str, value: Any, minimum: int = 1) -> None:
+    """``attacks.<attack>.<key>`` is an integer >= ``minimum`` (a bool is no integer here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ConfigError(f"attacks.{attack}.{key}={value!r}: use an integer >= {minimum}")
+
+
 def merge_settings(name: str, defaults: Mapping[str, Any], cfg: Mapping[str, Any] | None) -> dict[str, Any]:
     """The attack's defaults overridden by ``cfg``; an unknown key raises ConfigError naming it."""
     given: dict[str, Any] = {}

@@ -29,7 +29,15 @@ from torch import nn
 
 from ember.attacks import register_attack
 from ember.attacks._lm import backbone, device_of, lm_logits
-from ember.attacks.base import AttackContext, AttackResult, Timer, item_rows, merge_settings, questions
+from ember.attacks.base import (
+    AttackContext,
+    AttackResult,
+    Timer,
+    item_rows,
+    merge_settings,
+    questions,
+    require_int,
+)
 from ember.errors import ConfigError
 from ember.evals.loglik import encode_pair, wants_bos
 from ember.evals.mc import score_loglik
@@ -285,11 +293,9 @@ def check_gcg(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> di
     if s["loss"] not in ("ce", "nll"):
         raise ConfigError(f"attacks.gcg.loss={s['loss']!r}: use 'ce' or 'nll'")
     for key in ("steps", "suffix_len", "topk", "n_candidates", "eval_batch", "n_train_questions"):
-        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-            raise ConfigError(f"attacks.gcg.{key}={s[key]!r}: use a positive integer")
+        require_int("gcg", key, s[key])
     off, n = s["train_offset"], s["n_train_questions"]
-    if isinstance(off, bool) or not isinstance(off, int) or off < 0:
-        raise ConfigError(f"attacks.gcg.train_offset={off!r}: use an integer >= 0")
+    require_int("gcg", "train_offset", off, minimum=0)
     for c in concepts:
         if not c.mc.get("QA_train", [])[off : off + n]:
             raise ConfigError(f"attacks.gcg.train_offset={off}: concept {c.name!r} has no train questions there "

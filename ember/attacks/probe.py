@@ -27,7 +27,7 @@ from torch import nn
 
 from ember.attacks import register_attack
 from ember.attacks._lm import device_of, final_norm, lm_logits
-from ember.attacks.base import AttackContext, AttackResult, Timer, merge_settings, questions
+from ember.attacks.base import AttackContext, AttackResult, Timer, merge_settings, questions, require_int
 from ember.errors import ConfigError
 from ember.evals.loglik import encode_pair, wants_bos
 from ember.models import decoder_layers
@@ -170,11 +170,9 @@ def option_states(model: nn.Module, tok: Any, qs: Sequence[Any], template: str, 
 
 def check_probe(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> dict[str, Any]:
     s = merge_settings("probe", PROBE_DEFAULTS, cfg)
-    for key in ("folds", "max_iter", "batch_size"):
-        if isinstance(s[key], bool) or not isinstance(s[key], int) or s[key] < 1:
-            raise ConfigError(f"attacks.probe.{key}={s[key]!r}: use a positive integer")
-    if s["folds"] < 2:
-        raise ConfigError(f"attacks.probe.folds={s['folds']}: cross-validation needs at least 2 folds")
+    for key in ("max_iter", "batch_size"):
+        require_int("probe", key, s[key])
+    require_int("probe", "folds", s["folds"], minimum=2)  # cross-validation needs two folds
     if not isinstance(s["l2"], (int, float)) or isinstance(s["l2"], bool) or s["l2"] < 0:
         raise ConfigError(f"attacks.probe.l2={s['l2']!r}: use a penalty >= 0")
     return s

@@ -29,6 +29,7 @@ from ember.attacks.base import (
     item_rows,
     merge_settings,
     questions,
+    require_int,
 )
 from ember.data import MCQuestion
 from ember.errors import ConfigError
@@ -272,8 +273,7 @@ def check_incontext(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ())
     if s["selection"] not in ("random", "first"):
         raise ConfigError(f"attacks.incontext.selection={s['selection']!r}: use 'random' or 'first'")
     for k in ks:
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise ConfigError(f"attacks.incontext.k={k!r}: use a positive integer (or a list of them)")
+        require_int("incontext", "k", k)
     for c in concepts:
         for src in sources:
             have = (len([p for p in c.relearn if p.strip()]) if src == "paragraphs"
