@@ -56,20 +56,35 @@ def _gguf_value(r: _PartsReader, vtype: int) -> Any:
     raise ValueError(f"unknown GGUF value type {vtype}")
 
 
-def gguf_header_dims(parts: list[Path]) -> tuple[int | None, int | None]:
-    """``<arch>.embedding_length`` and ``<arch>.block_count`` from a GGUF file's metadata (its first kB:
-    no tensor is read). ``parts``: the file, or the pieces of a split one in order."""
+GGUF_TO_HF = {"embedding_length": "hidden_size", "block_count": "num_hidden_layers",
+              "feed_forward_length": "intermediate_size"}
+
+
+def gguf_header_config(parts: list[Path]) -> dict[str, int]:
+    """The model sizes in a GGUF file's metadata (its first kB: no tensor is read), under their
+    transformers names: ``<arch>.embedding_length`` -> ``hidden_size``, ``block_count`` ->
+    ``num_hidden_layers``, ``feed_forward_length`` -> ``intermediate_size``; ``{}`` when the file is
+    no GGUF. ``parts``: the file, or the pieces of a split one in order."""
     with contextlib.ExitStack() as stack:
         r = _PartsReader([stack.enter_context(open(p, "rb")) for p in parts])
         if r.read(4) != b"GGUF" or r.unpack("<I") < 2:
-            return None, None
+            return {}
         r.unpack("<Q")  # tensor count
         meta: dict[str, Any] = {}
+        found: dict[str, int] = {}
         for _ in range(r.unpack("<Q")):
             key = r.read(r.unpack("<Q")).decode("utf-8", "replace")
             meta[key] = _gguf_value(r, r.unpack("<I"))
             arch = meta.get("general.architecture")
-            d, n = meta.get(f"{arch}.embedding_length"), meta.get(f"{arch}.block_count")
-            if isinstance(d, int) and isinstance(n, int):
-                return d, n
-    return None, None
+            found = {hf: v for g, hf in GGUF_TO_HF.items() if isinstance(v := meta.get(f"{arch}.{g}"), int)}
+            if len(found) == len(GGUF_TO_HF):
+                break
+        return found
+
+
+def gguf_header_dims(parts: list[Path]) -> tuple[int | None, int | None]:
+    """(width, depth) from the GGUF header; (None, None) when unknown."""
+    c = gguf_header_config(parts)
+    if "hidden_size" not in c or "num_hidden_layers" not in c:
+        return None, None
+    return c["hidden_size"], c["num_hidden_layers"]

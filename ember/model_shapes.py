@@ -53,7 +53,7 @@ def shape_config(shape: str, tokenizer_size: int, special_ids: dict[str, int | N
     return AutoConfig.for_model(model_type, **params, **{k: v for k, v in special_ids.items() if v is not None})
 
 
-def shape_dims(shape: str) -> tuple[int, int]:
-    """(d_model, n_layers) of a paper shape, without building anything."""
-    params = _lookup(shape)[1]
-    return int(params["hidden_size"]), int(params["num_hidden_layers"])
+def shape_sizes(shape: str) -> dict[str, Any]:
+    """A paper shape's transformers config values (``hidden_size``, ``num_hidden_layers``,
+    ``intermediate_size``, ...), without building anything."""
+    return dict(_lookup(shape)[1])

@@ -32,44 +32,46 @@ class Checked:
     concepts: list[ConceptData]
 
 
-def packaged_gguf_dims(m: Any) -> tuple[int | None, int | None]:
-    """A packaged model's width and depth from its GGUF header; (None, None) on any failure (the load
-    reports a missing package clearly). An ``assemble`` package is read from its parts
+def packaged_gguf_config(m: Any) -> dict[str, int]:
+    """A packaged model's sizes from its GGUF header (``gguf_header_config``); ``{}`` on any failure (the
+    load reports a missing package clearly). An ``assemble`` package is read from its parts
     (``chunk_paths()``) rather than assembled."""
     try:
-        from ember.gguf_header import gguf_header_dims
+        from ember.gguf_header import gguf_header_config
         from ember.models import _package_dir
 
         if m.assemble:
             module = importlib.import_module(m.assemble.split(":")[0])
             chunk_paths = getattr(module, "chunk_paths", None)
             if not callable(chunk_paths):
-                return None, None
+                return {}
             parts = [Path(p) for p in chunk_paths()]
         else:
             parts = [_package_dir(m.package) / m.gguf_file]
-        return gguf_header_dims(parts)
+        return gguf_header_config(parts)
     except Exception as exc:
         log.debug("model dimensions not read from the GGUF header (%s)", exc)
-        return None, None
+        return {}
 
 
-def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
-    """The model's width and depth from its config file, GGUF header or preset, without loading weights (None if unknown)."""
+def peek_model_config(cfg: DictConfig) -> dict[str, int]:
+    """The model's ``hidden_size``, ``num_hidden_layers`` and ``intermediate_size`` (those known) from its
+    config file, GGUF header or preset, without loading weights."""
     m = cfg.model
     if m.source == "tiny_random":
-        return int(m.tiny.d_model), int(m.tiny.n_layers)
-    if m.source == "paper_shape":
-        from ember.model_shapes import shape_dims
-
-        return shape_dims(m.shape)
+        return {"hidden_size": int(m.tiny.d_model), "num_hidden_layers": int(m.tiny.n_layers),
+                "intermediate_size": int(m.tiny.d_mlp)}
     c: Any = None
-    if m.source == "packaged":
+    if m.source == "paper_shape":
+        from ember.model_shapes import shape_sizes
+
+        c = shape_sizes(m.shape)  # an unknown shape fails here, naming the choices
+    elif m.source == "packaged":
         from ember.models import _float_cache_dir
 
         p = _float_cache_dir(m, Path(cfg.cache_dir)) / "config.json"
         if not p.exists():  # a fresh machine: the converted copy is made at load; the GGUF header knows
-            return packaged_gguf_dims(m)
+            return packaged_gguf_config(m)
         c = json.loads(p.read_text())
         c = c.get("text_config") or c
     elif m.source == "hub":
@@ -79,10 +81,15 @@ def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
             conf = AutoConfig.from_pretrained(m.hub_id)
             c = (getattr(conf, "text_config", None) or conf).to_dict()
         except Exception:
-            return None, None  # load_model will report the missing model clearly
-    if not c:
-        return None, None
-    return int(c.get("hidden_size", 0)) or None, int(c.get("num_hidden_layers", 0)) or None
+            return {}  # load_model will report the missing model clearly
+    keys = ("hidden_size", "num_hidden_layers", "intermediate_size")
+    return {k: int(c[k]) for k in keys if c and isinstance(c.get(k), int) and c[k] > 0}
+
+
+def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
+    """The model's width and depth without loading weights (None if unknown)."""
+    c = peek_model_config(cfg)
+    return c.get("hidden_size"), c.get("num_hidden_layers")
 
 
 def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
@@ -97,8 +104,9 @@ def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
     return False
 
 
-def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
-    """The method's layer settings (and every cell of a configured grid search) exist in the model."""
+def check_method_layers(cfg: DictConfig, n_layers: int, d_mlp: int | None = None) -> None:
+    """The method's layer settings (and every cell of a configured grid search) exist in the model, and
+    its sizes fit (SNMF's rank within the MLP width ``d_mlp``, when known)."""
     from ember.methods import get_method
     from ember.search import method_cells
 
@@ -106,7 +114,7 @@ def check_method_layers(cfg: DictConfig, n_layers: int) -> None:
     cells = method_cells(cfg.method) if cfg.method.search != "none" and cfg.method.name != "none" else [{}]
     for cell in cells:
         try:
-            get_method(cfg.method.name, {**params, **cell}).check_against_model(n_layers)
+            get_method(cfg.method.name, {**params, **cell}).check_against_model(n_layers, d_mlp)
         except ConfigError as exc:
             where = f" (grid cell {cell})" if cell else ""
             raise ConfigError(f"{exc}{where}, for model '{cfg.model.name}'") from None
@@ -182,10 +190,10 @@ def preflight(cfg: DictConfig) -> Checked:
     starter = starter_store(cfg)
     store.preload(names)  # every data file the job will read: a malformed one fails before any model loads
     starter.preload()
-    d, n_layers = peek_dims(cfg)
-    if d is not None:
-        validate_against_model(cfg, d)
-    if n_layers is not None:
-        check_method_layers(cfg, n_layers)
+    sizes = peek_model_config(cfg)
+    if "hidden_size" in sizes:
+        validate_against_model(cfg, sizes["hidden_size"])
+    if "num_hidden_layers" in sizes:
+        check_method_layers(cfg, sizes["num_hidden_layers"], sizes.get("intermediate_size"))
     warn_large_model_on_cpu(cfg)
     return Checked(store=store, starter=starter, concepts=concepts)

@@ -111,3 +111,17 @@ def test_an_unwritable_cache_dir_or_an_unset_variable_names_the_key(tmp_path: Pa
     monkeypatch.delenv("EMBER_TEST_UNSET", raising=False)
     with pytest.raises(ConfigError, match=r"data\.release_dir: .*EMBER_TEST_UNSET"):
         preflight(compose(["data.release_dir=${oc.env:EMBER_TEST_UNSET}"]))
+
+
+@pytest.mark.parametrize("preset, d_mlp", [("smollm2_135m", 1536), ("gemma3_270m", 2048), ("gemma2_2b_shape", 9216),
+                                           ("tiny_random", 128)])
+def test_snmf_rank_above_the_mlp_width_fails_in_preflight(preset, d_mlp, tmp_path: Path, monkeypatch) -> None:
+    """SNMF factorizes d_mlp x N activations: a rank above d_mlp used to fail only when the erase stage ran
+    (after the baseline, the features and the delta grid). The width comes from the GGUF header, the
+    shape or the preset, with an empty cache."""
+    from ember.preflight import peek_model_config, preflight
+
+    monkeypatch.setenv("EMBER_CACHE", str(tmp_path))
+    assert peek_model_config(compose([f"model={preset}"]))["intermediate_size"] == d_mlp
+    with pytest.raises(ConfigError, match=rf"method\.params\.rank={d_mlp + 1}.*d_mlp={d_mlp}"):
+        preflight(compose([f"model={preset}", "ember=off", "method=snmf", f"method.params.rank={d_mlp + 1}"]))

@@ -358,17 +358,17 @@ def test_resume_after_erase_reloads_the_erased_weights(sweep2x2, tmp_path):
 
 @pytest.mark.timeout(300)
 def test_a_setting_error_inside_a_concept_stops_before_the_next_concepts(tmp_path):
-    """SNMF's rank is checked against d_mlp only when the method runs: the first concept fails with a
-    ConfigError and the other concepts are not run (they would recompute their baselines and fail the
+    """GCG checks the prompt template only when it runs: the first concept fails with a ConfigError in its
+    attacks stage and the other concepts are not run (they would recompute their baselines and fail the
     same way); results.json says so and the first concept's finished stages are kept."""
     cache = jobs.make_cache(tmp_path / "cache")
     job = tmp_path / "job"
-    r = jobs.run_ember(["concepts=starter_all", "ember=off", "method=snmf", "method.params.rank=5000",
-                        "stages=[baseline,erase]", f"hydra.run.dir={job}"], cache, check=False)
+    r = jobs.run_ember(["concepts=starter_all", "attacks=all", "attacks.enabled=[gcg]",
+                        "eval.prompt_template='Q: {q} / {q} A:'", f"hydra.run.dir={job}"], cache, check=False)
     assert r.returncode != 0
     res = jobs.read_json(job / "results.json")
     first, *rest = res["failures"]
-    assert "method.params.rank" in res["failures"][first] and rest
+    assert "GCG needs exactly one" in res["failures"][first] and rest
     assert all(res["failures"][n].startswith("not run: ConfigError") for n in rest)
     assert len(jobs.concept_dirs(job)) == 1  # the later concepts never started
     (concept,) = jobs.concept_dirs(job)

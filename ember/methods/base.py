@@ -71,9 +71,10 @@ class Method:
     def check_params(self) -> None:
         """Raise ConfigError naming ``method.params.<key>`` for an impossible value."""
 
-    def check_against_model(self, n_layers: int) -> None:
-        """Raise ConfigError when a setting does not fit a model with ``n_layers`` blocks (run by preflight,
-        before any model loads). Methods with layer settings resolve them here."""
+    def check_against_model(self, n_layers: int, d_mlp: int | None = None) -> None:
+        """Raise ConfigError when a setting does not fit a model with ``n_layers`` blocks and MLP width
+        ``d_mlp`` (None: unknown) (run by preflight, before any model loads). Methods with layer
+        settings resolve them here."""
 
     def apply(self, ctx: MethodContext) -> MethodReport:
         raise NotImplementedError

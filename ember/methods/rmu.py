@@ -109,7 +109,7 @@ class RMU(Method):
         check_positive_int(p, "steps", allow_none=True)
         require(isinstance(p["mask_padding"], bool), "mask_padding", p["mask_padding"], "use true or false")
 
-    def check_against_model(self, n_layers: int) -> None:
+    def check_against_model(self, n_layers: int, d_mlp: int | None = None) -> None:
         self.resolve_layers(n_layers)
 
     def resolve_layers(self, n_layers: int) -> tuple[int, list[int]]:

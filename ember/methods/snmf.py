@@ -371,7 +371,10 @@ class SNMF(Method):
         f = e.f_out.to(cols.device)
         W[:, e.neurons] = (cols - delta * torch.outer(f, f @ cols)).to(W.dtype)
 
-    def check_against_model(self, n_layers: int) -> None:
+    def check_against_model(self, n_layers: int, d_mlp: int | None = None) -> None:
+        if d_mlp is not None:
+            require(self.params["rank"] <= d_mlp, "rank", self.params["rank"],
+                    f"must not exceed the model's MLP width d_mlp={d_mlp} (the paper: 100 Gemma-2, 200 Llama-3.1)")
         for side in ("in", "out"):
             if self.params[f"{side}_delta"] > 0:
                 resolve_layer_range(self.params[f"{side}_layers"], n_layers, f"{side}_layers")

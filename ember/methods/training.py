@@ -430,7 +430,7 @@ class LMUnlearningMethod:
         except re.error as exc:
             raise bad_param("trainable", p["trainable"], f"not a valid regular expression ({exc})") from exc
 
-    def check_against_model(self, n_layers: int) -> None:
+    def check_against_model(self, n_layers: int, d_mlp: int | None = None) -> None:
         resolve_layer_range(self.params["layers"], n_layers, "layers")
 
     def trainable_params(self, model: nn.Module, n_layers: int) -> list[tuple[str, nn.Parameter]]:
