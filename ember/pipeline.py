@@ -206,7 +206,7 @@ class ConceptRun:
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
                "fact": OmegaConf.to_container(e.factorization, resolve=True), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-               "data": [len(self.concept.sentences), self.concept.mc["QA_train"][0].qid],
+               "data": self.concept.fingerprint(),
                "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
         from ember.evals.suite import COHERENCE_KEYS, enabled_parts
