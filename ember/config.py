@@ -251,9 +251,9 @@ def _get(cfg: Any, key: str) -> Any:
 
 def _check_selector(name: Any) -> None:
     """``ember.selector.name``: registered selectors (ember/features.py SELECTORS), combined with '+'."""
-    from ember.features import SELECTORS
+    from ember.features import SELECTORS, selector_parts
 
-    parts = [p.strip() for p in str(name).split("+") if p.strip()]  # as select_features reads it
+    parts = selector_parts(name)  # as select_features reads it
     unknown = [p for p in parts if p not in SELECTORS]
     _require(bool(parts) and not unknown, "ember.selector.name", name,
              f"unknown selector(s) {unknown}; choose from {sorted(SELECTORS)}, combined with '+' (e.g. ratio+anchor)")
@@ -352,8 +352,9 @@ def _check_counts_and_devices(cfg: DictConfig | RunConfig) -> None:
     _require(not needs_llm or bool(ev.llm_endpoint), "eval.llm_endpoint", ev.llm_endpoint,
              "the LLM judge (eval.open_judge=llm or eval.coherence_judge=llm) needs an OpenAI-compatible endpoint "
              "URL, or choose a local judge")
-    parts = [p.strip() for p in str(cfg.ember.selector.name).split("+")]
-    _require(not (cfg.ember.enabled and "llm" in parts) or bool(cfg.ember.selector.llm_endpoint),
+    from ember.features import selector_parts
+
+    _require(not (cfg.ember.enabled and "llm" in selector_parts(cfg.ember.selector.name)) or bool(cfg.ember.selector.llm_endpoint),
              "ember.selector.llm_endpoint", cfg.ember.selector.llm_endpoint,
              "the llm selector needs an OpenAI-compatible endpoint URL, or use ratio/anchor")
     _require(cfg.model.dtype in MODEL_DTYPES, "model.dtype", cfg.model.dtype, f"choose one of {list(MODEL_DTYPES)}")

@@ -282,10 +282,15 @@ class SelectionContext:
     concept_terms: list[str]
 
 
+def selector_parts(name: Any) -> list[str]:
+    """The selectors an ``ember.selector.name`` combines with '+' (``ratio+anchor``); empty parts ignored."""
+    return [p.strip() for p in str(name).split("+") if p.strip()]
+
+
 def select_features(feats: EmbeddingFeatures, scfg: Any, ctx: SelectionContext) -> pd.DataFrame:
     """Statistics plus ``selected`` and ``reason`` columns for every feature."""
     stats = feature_stats(feats)
-    parts = [p.strip() for p in str(scfg.name).split("+") if p.strip()]
+    parts = selector_parts(scfg.name)
     unknown = [p for p in parts if p not in SELECTORS]
     if not parts or unknown:
         raise ConfigError(f"ember.selector.name={scfg.name!r}: unknown selector {unknown}; "

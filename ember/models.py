@@ -24,12 +24,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from ember.config import MODEL_DTYPES
 from ember.errors import ConfigError, ModelUnavailableError
 from ember.locking import cache_lock
 
 log = logging.getLogger(__name__)
 
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+_DTYPES = {name: getattr(torch, name) for name in MODEL_DTYPES}  # the names config.validate accepts
 
 
 @dataclass

@@ -88,13 +88,18 @@ class ConceptRun:
     def model_key(self) -> str:
         return model_cache_key(self.lm)
 
+    @cached_property
+    def data_key(self) -> str:
+        """The concept data's fingerprint (stage records and cache keys hold it), computed once."""
+        return self.concept.fingerprint()
+
     def _done(self, stage: str) -> bool:
-        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.concept.fingerprint())
+        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.data_key)
 
     def _finish(self, stage: str, result: dict[str, Any], t0: float, status: str = "complete") -> dict[str, Any]:
         result = {**result, "seconds": round(time.perf_counter() - t0, 3)}
         self.timings[stage] = result["seconds"]
-        self.files.write_stage(self.slug, stage, result, status, data=self.concept.fingerprint())
+        self.files.write_stage(self.slug, stage, result, status, data=self.data_key)
         metrics = result.get("metrics") or {}
         self.logger.summary(f"{self.slug}/{stage}", metrics)
         log.info("[%s] %s %s in %.1fs", self.concept.name, stage, status, result["seconds"])
@@ -206,7 +211,7 @@ class ConceptRun:
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
                "fact": OmegaConf.to_container(e.factorization, resolve=True), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-               "data": self.concept.fingerprint(),
+               "data": self.data_key,
                "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
         from ember.evals.suite import COHERENCE_KEYS, enabled_parts
@@ -456,7 +461,7 @@ class ConceptRun:
         key = {"model": self.model_key, "concept": self.concept.name, "attack": name,
                "settings": settings, "edited": self.edited_ids, "seed": self.cfg.seed,
                "max_questions": self.cfg.eval.max_questions, "code": attack_code_version(name),
-               "template": self.cfg.eval.prompt_template, "data": self.concept.fingerprint()}
+               "template": self.cfg.eval.prompt_template, "data": self.data_key}
 
         def control() -> Any:
             seed_everything(self.cfg.seed)
@@ -491,7 +496,7 @@ class ConceptRun:
         erased = hashlib.sha256(erase.read_bytes()).hexdigest()[:16] if erase.exists() else ""
         return key_hash({"settings": settings, "erase": erased, "seed": self.cfg.seed,
                          "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-                         "data": self.concept.fingerprint()})
+                         "data": self.data_key})
 
     def _partial_result(self, name: str, context: str) -> dict[str, Any] | None:
         if self.cfg.overwrite:
@@ -517,7 +522,7 @@ class ConceptRun:
         # the unedited model's score is the same for every job on this model and concept: cached
         key = {"model": self.model_key, "concept": self.concept.name, "attack": "plain (loglik)",
                "template": self.cfg.eval.prompt_template, "max_questions": self.cfg.eval.max_questions,
-               "data": self.concept.fingerprint(), "code": attack_code_version()}
+               "data": self.data_key, "code": attack_code_version()}
         base = self.cache.get_or_build("attack_control", f"{self.lm.facts.name}/{self.slug}", key,
                                        lambda: ctx.score_plain(self.lm.model, self.lm.tokenizer, qs).acc)
         log.info("[%s] attacks score by log-likelihood; plain accuracy so scored: erased %.3f, unedited %.3f "
@@ -583,7 +588,7 @@ class ConceptRun:
                "master_weights": bool(self.cfg.model.master_weights),
                "max_questions": self.cfg.eval.max_questions, "template": self.cfg.eval.prompt_template,
                "scorer": {**provenance(self.cfg.eval), "use_chat": self.cfg.eval.use_chat},
-               "data": self.concept.fingerprint(),
+               "data": self.data_key,
                "code": attack_code_version("relearn")}
 
         def control() -> dict[str, Any]:
