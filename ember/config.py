@@ -8,6 +8,7 @@ express (a negative delta, a sparsity outside (0, 1]) live in :func:`validate`.
 from __future__ import annotations
 
 import functools
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -72,7 +73,7 @@ class SelectorConfig:
     semantic_thresh: float = 0.35
     semantic_top_tokens: int = 20
     exclusivity_thresh: float = 0.5
-    anchor_thresh: float = 0.2  # anchor: share of a feature's concept-only |G| mass on key-term tokens
+    anchor_thresh: float = 0.05  # anchor: share of a feature's concept-only |G| mass on key-term tokens
     anchor_min_tokens: int = 1  # anchor: key-term tokens a feature must hold
     llm_endpoint: str | None = None
     llm_model: str = "gpt-4o-mini"
@@ -141,6 +142,9 @@ class EvalConfig:
     perplexity_n: int = 60
     lm_eval_tasks: list[str] = field(default_factory=list)
     lm_eval_limit: int | None = None
+    # retention terms the delta and method-grid gates leave out (they still enter specificity);
+    # eval=paper: [simdom_frac], as the paper gates on MMLU (here also its stand-ins) alone
+    gate_skip: list[str] = field(default_factory=list)
     # added with the evaluation suite (docs/evaluation.md)
     use_chat: bool = True  # chat-wrap generation prompts when the tokenizer has a template
     share_prefix: bool = True  # loglik MC: run the question once, fan its KV cache out to the options
@@ -309,6 +313,15 @@ def validate(cfg: DictConfig | RunConfig) -> None:
 MODEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
+def resolve_device(value: str) -> str:
+    """``auto`` -> ``cuda`` where a CUDA device is visible, else ``cpu``; any other value as given."""
+    import torch
+
+    if value == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return value
+
+
 def check_device(key: str, value: str) -> None:
     """``auto``, ``cpu`` or a CUDA device this machine has (``cuda``, ``cuda:0``, ...)."""
     import torch
@@ -357,10 +370,25 @@ def _check_counts_and_devices(cfg: DictConfig | RunConfig) -> None:
     _require(not (cfg.ember.enabled and "llm" in selector_parts(cfg.ember.selector.name)) or bool(cfg.ember.selector.llm_endpoint),
              "ember.selector.llm_endpoint", cfg.ember.selector.llm_endpoint,
              "the llm selector needs an OpenAI-compatible endpoint URL, or use ratio/anchor")
+    _check_gate_skip(ev)
     _require(cfg.model.dtype in MODEL_DTYPES, "model.dtype", cfg.model.dtype, f"choose one of {list(MODEL_DTYPES)}")
     check_device("model.device", cfg.model.device)
     if cfg.ember.enabled:
         check_device("ember.factorization.device", f.device)
+
+
+def _check_gate_skip(ev: Any) -> None:
+    """``eval.gate_skip``: names of retention terms, leaving at least one measured term to gate on."""
+    from ember.evals.metrics import RETENTION_TERMS
+
+    skip = list(ev.gate_skip)
+    bad = [k for k in skip if k not in RETENTION_TERMS and not re.fullmatch(r"lmeval_.+_frac", str(k))]
+    _require(not bad, "eval.gate_skip", skip,
+             f"{bad} name no retention term; use {list(RETENTION_TERMS)} or lmeval_<task>_frac")
+    measured = ["simdom_frac", "control_frac", *(["ppl_frac"] if ev.perplexity else []),
+                *(f"lmeval_{t}_frac" for t in ev.lm_eval_tasks)]
+    _require(any(k not in skip for k in measured), "eval.gate_skip", skip,
+             f"it leaves none of the measured retention terms {measured} to gate on; skip fewer")
 
 
 def validate_against_model(cfg: DictConfig | RunConfig, d_model: int) -> None:

@@ -11,7 +11,7 @@ as the reference does (reference-spec 3 and 11.12).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,14 +33,16 @@ def ranking_value(row: dict[str, Any]) -> float:
 
 
 def passes_gates(row: dict[str, Any], retention_keys: Sequence[str] | None, coherence_keys: Sequence[str],
-                 retention_gate: float, coherence_gate: float) -> bool:
+                 retention_gate: float, coherence_gate: float, skip: Collection[str] = ()) -> bool:
     """Every retention term >= ``retention_gate`` and every coherence term >= ``coherence_gate``; missing
     or NaN terms are not gated. ``retention_keys=None``: every specificity term the row holds (similar
-    domain, control facts, perplexity and each lm-eval task, e.g. MMLU, the paper's delta gate)."""
+    domain, control facts, perplexity and each lm-eval task, e.g. MMLU); ``skip`` leaves terms out
+    (``eval.gate_skip``: the paper gates on MMLU alone, not on the similar domain)."""
     if retention_keys is None:
         from ember.evals.metrics import retention_terms
 
         retention_keys = list(retention_terms(row))
+    retention_keys = [k for k in retention_keys if k not in skip]
 
     def ok(keys: Sequence[str], gate: float) -> bool:
         for k in keys:
@@ -62,13 +64,14 @@ def choose_delta(
     retention_gate: float = 0.9,
     coherence_gate: float = 0.9,
     progress: bool = False,
+    skip: Collection[str] = (),
 ) -> DeltaChoice:
     from tqdm.auto import tqdm
 
     rows = []
     for d in tqdm(sorted(grid), desc="delta grid", disable=not progress, leave=False):
         row = {"delta": float(d), **score(float(d))}
-        row["gate_pass"] = passes_gates(row, retention_keys, coherence_keys, retention_gate, coherence_gate)
+        row["gate_pass"] = passes_gates(row, retention_keys, coherence_keys, retention_gate, coherence_gate, skip)
         row["objective"] = ranking_value(row) if row["gate_pass"] else 0.0
         rows.append(row)
     best = max(rows, key=lambda r: (r["objective"], -r["delta"]))

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from ember.config import resolve_device
 from ember.errors import ConfigError
 
 
@@ -38,12 +39,6 @@ class FactorizationResult:
     stopped_by: str  # patience | plateau | max_iter
     relative_residual: float
     attempts: list[str] = field(default_factory=list)
-
-
-def _resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def ridge_solve(X: torch.Tensor, B: torch.Tensor, reg: float) -> torch.Tensor:
@@ -207,7 +202,7 @@ def sparse_factorize(
     if rank < 1 or rank > min(d, n):
         raise ConfigError(f"ember.factorization.rank={rank}: must be between 1 and min(d_model={d}, |V'|={n})")
     m = max(1, math.ceil(sparsity * n))
-    A = A.to(_resolve_device(device), dtype)
+    A = A.to(resolve_device(device), dtype)
     At = A.T.contiguous()
 
     def make_step() -> Callable:
@@ -247,7 +242,7 @@ def semi_nmf(
     d, n = A.shape
     if rank < 1 or rank > min(d, n):
         raise ConfigError(f"snmf rank={rank}: must be between 1 and min(d_mlp={d}, N={n})")
-    A = A.to(_resolve_device(device), torch.float32)
+    A = A.to(resolve_device(device), torch.float32)
     At = A.T.contiguous()
 
     def make_step() -> Callable:

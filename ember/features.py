@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ember.cache import ArtifactCache
+from ember.config import resolve_device
 from ember.errors import ConfigError
 from ember.factorize import FactorizationResult, sparse_factorize
 
@@ -105,6 +106,8 @@ def compute_embedding_features(
         "rank", "sparsity", "reg", "reg_tries", "tol", "patience", "max_iter", "stopping",
         "plateau_rel_tol", "plateau_patience", "seed")}
     settings["dtype"] = getattr(fcfg, "dtype", "float64")  # the schema's default when a caller passes none
+    # a CUDA fit rounds differently from a CPU one, and the top-k supports follow rounding (docs/design.md)
+    settings["device"] = torch.device(resolve_device(fcfg.device)).type
     key = {
         "model": model_facts.name, "source": model_facts.source, "embeddings": embedding_fingerprint(rows),
         "concept": concept, "n_vprime": len(vprime), "vprime": embedding_fingerprint(ids.float()),
@@ -263,7 +266,7 @@ def _select_anchor(stats: pd.DataFrame, feats: EmbeddingFeatures, scfg: Any, ctx
     n_anchor = ((feats.G[is_anchor & conly] != 0).sum(0)).numpy()
     stats["anchor"] = share.numpy()
     stats["n_anchor"] = n_anchor
-    thresh = float(getattr(scfg, "anchor_thresh", 0.2))
+    thresh = float(getattr(scfg, "anchor_thresh", 0.05))
     min_tokens = int(getattr(scfg, "anchor_min_tokens", 1))
     return (stats["anchor"] >= thresh) & (stats["n_anchor"] >= min_tokens)
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ember.config import MODEL_DTYPES
+from ember.config import MODEL_DTYPES, resolve_device
 from ember.errors import ConfigError, ModelUnavailableError
 from ember.locking import cache_lock
 
@@ -81,13 +81,15 @@ def measure_embed_scale(model: nn.Module, n_tokens: int = 8) -> float:
     """
     emb = model.get_input_embeddings()
     weight = emb.weight
-    ids = torch.arange(min(n_tokens, weight.shape[0]), device=weight.device) + 1
     with torch.no_grad():
+        head = weight[: max(1024, n_tokens)]
+        ids = (head.float().abs().sum(1) > 0).nonzero().flatten()[:n_tokens]
+        if len(ids) == 0:
+            raise RuntimeError(f"the first {len(head)} rows of the input embedding are all zero: its scale cannot "
+                               "be measured (are the weights loaded?)")
         out = emb(ids).float()
         raw = weight[ids].float()
     denom = (raw * raw).sum()
-    if denom == 0:
-        return 1.0
     scale = float((out * raw).sum() / denom)
     resid = float((out - scale * raw).norm() / out.norm().clamp_min(1e-12))
     if resid > 1e-2:
@@ -163,12 +165,6 @@ def read_facts(model: nn.Module, tokenizer: Any, name: str, source: str) -> Mode
 
 # --------------------------------------------------------------------------------------------------
 # sources
-
-
-def _resolve_device(device: str) -> str:
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return device
 
 
 def _prepare_tokenizer(tok: Any) -> Any:
@@ -357,7 +353,7 @@ def load_paper_shape(cfg: Any, cache_root: Path) -> tuple[nn.Module, Any, str, b
     tok = _stand_in_tokenizer(cfg, cache_root)
     mcfg = shape_config(cfg.shape, len(tok), _special_ids(tok))
     torch.manual_seed(cfg.tiny.seed)
-    with torch.device(_resolve_device(cfg.device)):
+    with torch.device(resolve_device(cfg.device)):
         model = AutoModelForCausalLM.from_config(mcfg, dtype=_DTYPES[cfg.dtype])
     return model, tok, f"paper_shape:{cfg.shape}", False
 
@@ -397,7 +393,7 @@ def load_model(cfg: Any, cache_root: Path | None = None, tokenizer_only: bool = 
     start = time.perf_counter()
     model, tok, source, from_cache = MODEL_SOURCES[cfg.source](cfg, cache_root)
     tok = _prepare_tokenizer(tok)
-    model.to(_resolve_device(cfg.device))
+    model.to(resolve_device(cfg.device))
     model.eval()
     model.requires_grad_(False)
     if cfg.untie_embeddings:

@@ -243,7 +243,7 @@ class ConceptRun:
                          judge_model=self.lm.model, progress=False, parts=cheap)
             rel = relative(s, base_train)
             # the expensive parts only matter for a delta that passes the retention gate with a score
-            if passes_gates(rel, None, (), e.retention_gate, 0.0) and (rel.get("efficacy") or 0) > 0:
+            if passes_gates(rel, None, (), e.retention_gate, 0.0, self.cfg.eval.gate_skip) and (rel.get("efficacy") or 0) > 0:
                 rest = [p for p in parts if p not in cheap]
                 if rest:
                     s.update({k: v for k, v in evaluate(
@@ -258,8 +258,8 @@ class ConceptRun:
             return row
 
         def build() -> dict[str, Any]:
-            choice = choose_delta(list(e.delta_grid), score, None, COHERENCE_KEYS,
-                                  e.retention_gate, e.coherence_gate, progress=self._progress())
+            choice = choose_delta(list(e.delta_grid), score, None, COHERENCE_KEYS, e.retention_gate,
+                                  e.coherence_gate, progress=self._progress(), skip=self.cfg.eval.gate_skip)
             return {"delta": choice.delta, "rows": choice.rows, "reason": choice.reason}
 
         got = self.cache.get_or_build("delta_choice", f"{self.lm.facts.name}/{self.slug}", key, build)
@@ -327,7 +327,8 @@ class ConceptRun:
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
             "eval_data": self._train_eval_data()})
         res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
-                     self.cfg.method.top_k_validate, out_dir, self._progress(), context=context)
+                     self.cfg.method.top_k_validate, out_dir, self._progress(), context=context,
+                     skip=self.cfg.eval.gate_skip)
         log.info("[%s] grid search: best %s (%d/%d cells pass the gate)", self.concept.name, res["best_params"],
                  res["n_passing"], res["n_cells"])
         return {**base, **res["best_params"]}, res

@@ -94,10 +94,10 @@ def peek_dims(cfg: DictConfig) -> tuple[int | None, int | None]:
 
 def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
     """Say so, before hours go by, when a paper-size model (``size_class: large``) will run on a CPU."""
-    from ember.models import _resolve_device
+    from ember.config import resolve_device
 
     m = cfg.model
-    if m.size_class == "large" and _resolve_device(m.device) == "cpu":
+    if m.size_class == "large" and resolve_device(m.device) == "cpu":
         log.warning("model '%s' is paper-size (size_class=large) and will run on the CPU: expect hours per concept; "
                     "run it on a GPU node (hydra/launcher=submitit_slurm) or pick model=smollm2_135m", m.name)
         return True

@@ -2,7 +2,7 @@
 
 1. Every grid cell runs on a fresh copy of the model (EMBER-edited when on) and is scored on the
    *train* split without coherence; a cell whose specificity terms (lm-eval tasks such as MMLU
-   included, when enabled) fall below ``method.retention_gate`` scores 0.
+   included, when enabled; less those in ``eval.gate_skip``) fall below ``method.retention_gate`` scores 0.
 2. The ``top_k_validate`` best cells by harmonic are re-scored with coherence. When that is every
    cell (a quick grid), the first pass scores coherence directly and no cell is trained twice.
 3. The best by harmonic_alpaca wins (a measured 0, collapsed coherence, counts as 0; harmonic only
@@ -24,7 +24,7 @@ import itertools
 import json
 import logging
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any
 
@@ -65,6 +65,7 @@ def search(
     out_dir: Path,
     progress: bool = False,
     context: str = "",
+    skip: Collection[str] = (),
 ) -> dict[str, Any]:
     """Run the protocol; ``score_cell(params, with_coherence)`` returns relative metrics."""
     grid_path, val_path = out_dir / "grid.jsonl", out_dir / "grid_validate.jsonl"
@@ -77,7 +78,7 @@ def search(
         if cid in done:
             continue
         m = score_cell(params, coherence_first)
-        gate = passes_gates(m, retention_keys, (), retention_gate, 0.0)
+        gate = passes_gates(m, retention_keys, (), retention_gate, 0.0, skip)
         rec = {"cell": cid, "context": context, "params": params, "gate_pass": gate,
                "score": _finite(m.get("harmonic")) if gate else 0.0,
                "with_coherence": coherence_first,

@@ -109,6 +109,8 @@ def test_wrong_type_fails_at_compose(override: str) -> None:
         ("model.dtype=bf16", "model.dtype"),
         ("model.device=gpu", "model.device"),
         ("ember.factorization.device=tpu", "ember.factorization.device"),
+        ("eval.gate_skip=[simdom]", "eval.gate_skip"),  # not a retention term's name
+        ("eval.gate_skip=[simdom_frac,control_frac];eval.perplexity=false", "eval.gate_skip"),  # nothing left to gate
     ],
 )
 def test_out_of_range_value_names_the_key(override: str, key: str) -> None:

@@ -41,3 +41,16 @@ def test_the_default_retention_gate_covers_every_specificity_term_mmlu_included(
     c = choose_delta(list(rows), table(rows), None, [], 0.9, 0.9)
     assert [r["gate_pass"] for r in c.rows] == [True, False, False]
     assert c.delta == 5.0
+
+
+def test_gate_skip_leaves_a_term_out_of_the_gate_only() -> None:
+    """eval.gate_skip=[simdom_frac] (eval=paper): the paper gates on MMLU and its stand-ins, not the similar domain."""
+    rows = {
+        5.0: {"simdom_frac": 0.95, "control_frac": 1.0, "harmonic_alpaca": 0.80},
+        10.0: {"simdom_frac": 0.85, "control_frac": 0.95, "harmonic_alpaca": 0.91},
+        50.0: {"simdom_frac": 0.95, "control_frac": 0.80, "harmonic_alpaca": 0.95},
+    }
+    assert choose_delta(list(rows), table(rows), None, [], 0.9, 0.9).delta == 5.0
+    c = choose_delta(list(rows), table(rows), None, [], 0.9, 0.9, skip=["simdom_frac"])
+    assert [r["gate_pass"] for r in c.rows] == [True, True, False]
+    assert c.delta == 10.0

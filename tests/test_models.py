@@ -55,6 +55,24 @@ def test_tiny_random_facts(tiny, tiny_gemma) -> None:
     assert not g.tied_embeddings, "untie_embeddings is on by default"
 
 
+def test_embed_scale_is_measured_on_non_zero_rows_and_all_zero_rows_are_an_error() -> None:
+    from ember.models import measure_embed_scale
+
+    class Scaled(torch.nn.Embedding):
+        def forward(self, ids: torch.Tensor) -> torch.Tensor:
+            return super().forward(ids) * 8.0
+
+    emb = Scaled(300, 64)
+    with torch.no_grad():
+        emb.weight[:20] = 0  # zero rows (pad, reserved tokens) tell nothing about the scale
+    model = SimpleNamespace(get_input_embeddings=lambda: emb)
+    assert measure_embed_scale(model) == pytest.approx(8.0)
+    with torch.no_grad():
+        emb.weight.zero_()
+    with pytest.raises(RuntimeError, match="all zero"):
+        measure_embed_scale(model)
+
+
 def test_untie_keeps_lm_head_values(cache_dir: Path) -> None:
     cfg = model_preset("tiny_random_gemma")
     cfg.untie_embeddings = False
