@@ -19,6 +19,10 @@ from ember.paths import CONF_DIR
 log = logging.getLogger("ember")
 
 
+if not CONF_DIR.is_dir():  # a non-editable install: the configs live in the clone, not the package
+    sys.exit(f"ember: no configs at {CONF_DIR}; install ember from a clone with `pip install -e .`")
+
+
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
 def main(cfg: DictConfig) -> float | None:
     from hydra.core.hydra_config import HydraConfig

@@ -7,6 +7,10 @@ launchers do not race) and again at the end of the sweep. Refreshing per job mat
 basic sweeper re-raises the first failed job's exception once the batch has run, and then never
 calls ``on_multirun_end``, so a summary written only there would be missing exactly when a job
 failed.
+
+The sweep directory is ``outputs/<experiment_name>``: its summary covers every job there, those of
+earlier sweeps of the same experiment included. A sweep over ``experiment=`` writes each
+experiment's jobs (and summary) under its own directory; the end-of-sweep printout lists each.
 """
 
 from __future__ import annotations
@@ -94,6 +98,9 @@ def write_sweep_status(sweep_dir: Path) -> dict[str, list[str]]:
 
 
 class SweepSummary(Callback):
+    def __init__(self) -> None:
+        self._sweep_dirs: list[Path] = []  # the jobs' own sweep directories (those run in this process)
+
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Record this job's outcome in its directory and refresh the sweep's summary."""
         from hydra.core.utils import JobStatus
@@ -110,11 +117,21 @@ class SweepSummary(Callback):
                 "error": f"{type(exc).__name__}: {exc}" if exc is not None else None,
                 "overrides": list(job_return.overrides or [])})
             if config.hydra.mode == RunMode.MULTIRUN:
-                write_sweep_status(Path(config.hydra.sweep.dir))
+                sweep_dir = Path(config.hydra.sweep.dir)
+                write_sweep_status(sweep_dir)
+                if sweep_dir not in self._sweep_dirs:
+                    self._sweep_dirs.append(sweep_dir)
         except Exception as exc:  # the summary must never take a job down with it
             log.warning("could not record the job status: %s", exc)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        sweep_dir = Path(config.hydra.sweep.dir)
-        st = write_sweep_status(sweep_dir)
-        print(format_status(sweep_dir, st))  # stdout only (logging here would print it twice)
+        main = Path(config.hydra.sweep.dir)
+        dirs = [main, *(d for d in self._sweep_dirs if d != main)]
+        for sweep_dir in dirs:
+            if sweep_dir == main and not job_dirs(sweep_dir) and len(dirs) > 1:
+                continue  # a sweep over experiment=: the jobs went to each experiment's directory
+            st = write_sweep_status(sweep_dir)
+            print(format_status(sweep_dir, st))  # stdout only (logging here would print it twice)
+        if not any(job_dirs(d) for d in dirs):
+            print(f"no job directory under {main}: jobs of a sweep over experiment= go to "
+                  "outputs/<experiment_name>/ (python -m ember.report outputs/<experiment_name>)")

@@ -302,7 +302,8 @@ def validate(cfg: DictConfig | RunConfig) -> None:
     _require(cfg.relearn.lr > 0, "relearn.lr", cfg.relearn.lr, "use a positive learning rate")
     for key in ("max_paragraphs", "batch_size", "max_length"):
         _require(getattr(cfg.relearn, key) >= 1, f"relearn.{key}", getattr(cfg.relearn, key), "use a positive integer")
-    _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode, "use offline, online or disabled")
+    _require(cfg.logger.mode in ("offline", "online", "disabled"), "logger.mode", cfg.logger.mode,
+             "use offline, online or disabled (logger=wandb reads it from $WANDB_MODE when set)")
     _check_counts_and_devices(cfg)
     from ember.stages import STAGES
 

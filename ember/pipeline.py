@@ -10,6 +10,7 @@ erased model is rebuilt deterministically when a later stage still has to run.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import math
 import time
@@ -59,7 +60,8 @@ def config_summary(cfg: DictConfig) -> str:
         f"method     {cfg.method.name} {OmegaConf.to_container(cfg.method.params) or ''}",
         f"eval       mc={cfg.eval.mc_mode}, open_qa={cfg.eval.open_qa}, coherence={cfg.eval.coherence}",
         f"attacks    {attacks}",
-        f"relearn    {cfg.relearn.name}",
+        f"relearn    {cfg.relearn.name}" + ("" if cfg.relearn.name == "none" else
+                                             f" ({cfg.relearn.max_paragraphs} paragraphs, {cfg.relearn.epochs} epochs)"),
         f"logger     {cfg.logger.name}",
         f"seed       {cfg.seed}",
     ])
@@ -627,7 +629,10 @@ class ConceptRun:
         if "relearn" in later and c.relearn.name != "none":
             self.relearn()
         self.work = None
-        return collect_concept(self.files, self.slug)
+        out = collect_concept(self.files, self.slug)
+        # stages finished by an earlier launch: their metrics into the W&B summary (this launch's are logged)
+        self.logger.replay(self.slug, {k: v for k, v in out.items() if k.split("/", 1)[0] not in self.timings})
+        return out
 
 
 def collect_concept(files: JobFiles, slug: str) -> dict[str, Any]:
@@ -677,11 +682,15 @@ def run_job(cfg: DictConfig) -> float | None:
     log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
     for c in concepts:
         log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
+    # opened before the model loads: a W&B setting that cannot work (online without a key) fails in a second
+    logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
     if not cfg.overwrite and all(all_done(cfg, files, c) for c in concepts):
         log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
         results = {c.name: collect_concept(files, c.slug) for c in concepts}
-        log.info("\n%s\n\njob dir: %s", format_results(results), out)
-        return _objective(results)
+        for c in concepts:
+            logger.replay(c.slug, results[c.name])
+            (files.concept_dir(c.slug) / "FAILED.txt").unlink(missing_ok=True)  # an earlier launch's
+        return _finish_job(cfg, out, logger, results, {}, t_job, nothing_run=True)
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
@@ -690,12 +699,12 @@ def run_job(cfg: DictConfig) -> float | None:
 
         check_lora_targets(lm.model, list(cfg.relearn.lora_targets))  # before any stage, not at the last one
     cache = ArtifactCache(Path(cfg.cache_dir))
-    logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     for i, concept in enumerate(concepts):
         try:
             results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger).run()
+            (files.concept_dir(concept.slug) / "FAILED.txt").unlink(missing_ok=True)  # an earlier launch's
         except Exception as exc:  # one concept failing must not lose the others
             failures[concept.name] = f"{type(exc).__name__}: {exc}"
             log.error("[%s] failed: %s", concept.name, failures[concept.name])
@@ -708,8 +717,21 @@ def run_job(cfg: DictConfig) -> float | None:
                 log.error("not running %d remaining concept(s): fix the setting above and re-run (finished "
                           "stages are kept)", len(concepts) - i - 1)
                 break
-    atomic_write_json(out / "results.json", {"results": results, "failures": failures,
-                                             "seconds": time.perf_counter() - t_job})
+    return _finish_job(cfg, out, logger, results, failures, t_job)
+
+
+def _finish_job(cfg: DictConfig, out: Path, logger: WandbLogger, results: dict[str, dict[str, Any]],
+                failures: dict[str, str], t_job: float, nothing_run: bool = False) -> float | None:
+    """results.json and summary.md (rewritten by every launch, so a job killed before writing them
+    gets them from its relaunch; a launch that ran nothing keeps the recorded job time), the W&B run
+    closed, and the sweep objective."""
+    seconds = time.perf_counter() - t_job
+    if nothing_run:
+        try:
+            seconds = float(json.loads((out / "results.json").read_text())["seconds"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass
+    atomic_write_json(out / "results.json", {"results": results, "failures": failures, "seconds": seconds})
     table = format_results(results)
     atomic_write_text(out / "summary.md", f"# {cfg.experiment_name}\n\n{config_summary(cfg)}\n\n{table}\n")
     logger.finish(1 if failures else 0)

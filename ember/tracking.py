@@ -16,6 +16,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, OmegaConf
 
+from ember.errors import ConfigError
 from ember.locking import atomic_write_json, atomic_write_text
 from ember.paths import PROJECT_ROOT
 
@@ -159,8 +160,10 @@ class WandbLogger:
     The run id is the job directory's (``wandb_run_id``) and ``resume="allow"``: a relaunch of an
     unfinished job continues the same run (online: the same run page; offline: each launch writes an
     ``offline-run-<time>-<id>`` directory with that one id, and ``wandb sync`` uploads them to one run).
-    Only the stages computed in a launch are logged by it; a job whose stages are all complete opens
-    no run.
+    A stage computed in a launch is logged as it finishes (summary and history); a stage finished in
+    an earlier launch has its metrics put in the run's summary (:meth:`replay`), so a job run first
+    without ``logger=wandb`` can be sent to W&B later by relaunching it with the logger on. The
+    per-question and relearning-curve tables are logged only by the launch that computes them.
     """
 
     def __init__(self, cfg: DictConfig, job_dir: Path, job_name: str, concepts: list[str]):
@@ -171,19 +174,30 @@ class WandbLogger:
 
         tags = [f"model:{cfg.model.name}", f"method:{cfg.method.name}", f"ember:{'on' if cfg.ember.enabled else 'off'}",
                 *[f"concept:{c}" for c in concepts], *list(cfg.logger.tags)]
-        self.run = wandb.init(
-            project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(job_dir),
-            config=OmegaConf.to_container(cfg, resolve=True), group=cfg.experiment_name, name=job_name,
-            job_type="ember-job", tags=[t[:64] for t in tags], reinit="finish_previous",
-            id=wandb_run_id(job_dir), resume="allow",
-        )
+        try:
+            self.run = wandb.init(
+                project=cfg.logger.project, entity=cfg.logger.entity, mode=cfg.logger.mode, dir=str(job_dir),
+                config=OmegaConf.to_container(cfg, resolve=True), group=cfg.experiment_name, name=job_name,
+                job_type="ember-job", tags=[t[:64] for t in tags], reinit="finish_previous",
+                id=wandb_run_id(job_dir), resume="allow",
+            )
+        except (wandb.errors.Error, OSError) as exc:
+            raise ConfigError(
+                f"logger=wandb could not open a run ({type(exc).__name__}: {exc}); with logger.mode=online run "
+                "`wandb login` or set WANDB_API_KEY, or use logger.mode=offline (then `wandb sync`)") from exc
 
-    def summary(self, prefix: str, metrics: dict[str, Any]) -> None:
+    def summary(self, prefix: str, metrics: dict[str, Any], history: bool = True) -> None:
         if self.run is None:
             return
         flat = {f"{prefix}/{k}": v for k, v in metrics.items() if isinstance(v, (int, float, bool)) and v is not None}
         self.run.summary.update(flat)
-        self.run.log(flat)
+        if history:
+            self.run.log(flat)
+
+    def replay(self, concept_slug: str, flat: dict[str, Any]) -> None:
+        """Put the metrics of stages finished in an earlier launch (``collect_concept``'s
+        ``<stage>/<metric>`` keys) into the run's summary, without adding history steps."""
+        self.summary(concept_slug, flat, history=False)
 
     def table(self, key: str, rows: list[dict[str, Any]]) -> None:
         if self.run is None or not rows:

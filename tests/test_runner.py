@@ -410,3 +410,56 @@ def test_a_finished_stage_is_recomputed_when_the_concept_data_changed(tmp_path):
     assert "the concept's data changed since this stage ran: recomputing it" in fixed.stdout + fixed.stderr
     second = jobs.read_json(concept / "baseline.json")
     assert second["data"] != first["data"] and second["status"] == "complete"
+
+
+@pytest.mark.timeout(300)
+def test_a_relaunch_of_a_finished_job_repairs_its_files_and_fills_wandb(tmp_path):
+    """A job killed after its last stage (no results.json), a FAILED.txt left by an earlier failed launch, and
+    a job first run without a logger: relaunching it rewrites results.json, drops the stale FAILED.txt (the
+    report would count the job as failed) and, with logger=wandb, puts the recorded metrics in the run's
+    summary without re-running anything."""
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    args = ["ember=off", "stages=[baseline]", f"hydra.run.dir={job}"]
+    jobs.run_ember(args, cache)
+    (concept,) = jobs.concept_dirs(job)
+    first = jobs.read_json(job / "results.json")
+    (job / "results.json").unlink()
+    (concept / "FAILED.txt").write_text("Traceback of an earlier launch\n")
+
+    again = jobs.run_ember(args + ["logger=wandb", "logger.mode=offline"], cache)
+    assert "every stage of every concept is complete" in again.stdout + again.stderr
+    assert not (concept / "FAILED.txt").exists()
+    assert jobs.read_json(job / "results.json")["results"] == first["results"]
+    run = jobs.wandb_run(job)
+    metrics = jobs.read_json(concept / "baseline.json")["metrics"]
+    numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert len(numeric) >= 5
+    for k, v in numeric.items():
+        assert jobs.diff_values(run["summary"].get(f"{concept.name}/baseline/{k}"), v, 1e-9) == [], k
+    assert not run["history_keys"] - {"_runtime", "_timestamp", "_step"}  # replayed, not logged as new steps
+
+
+def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path, monkeypatch, capsys):
+    """Hydra's sweep directory is the primary config's outputs/<experiment_name>, but a swept experiment= sends
+    each job to its own experiment's directory: the end-of-sweep summary lists those, not an empty one."""
+    from hydra.core.utils import JobReturn, JobStatus
+    from hydra.types import RunMode
+    from omegaconf import OmegaConf
+
+    from ember.callbacks import SweepSummary
+
+    monkeypatch.chdir(tmp_path)
+    cb = SweepSummary()
+    for exp in ("smoke", "ablation_rank"):
+        job = tmp_path / "outputs" / exp / "x" / "seed=42"
+        (job / ".hydra").mkdir(parents=True)
+        (job / "results.json").write_text(json.dumps({"results": {"Harry Potter": {}}, "failures": {}}))
+        cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(job)},
+                                          "sweep": {"dir": f"outputs/{exp}"}}})
+        ret = JobReturn(overrides=[f"experiment={exp}"], status=JobStatus.COMPLETED)
+        cb.on_job_end(cfg, ret)
+    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "outputs/main"}}}))
+    out = capsys.readouterr().out
+    assert "sweep outputs/smoke: 1 ok" in out and "sweep outputs/ablation_rank: 1 ok" in out, out
+    assert "outputs/main" not in out
