@@ -9,12 +9,14 @@ manifest, key or checksum does not match is treated as corrupt and rebuilt, neve
 from __future__ import annotations
 
 import hashlib
+import inspect
 import io
 import json
 import logging
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
@@ -26,6 +28,15 @@ log = logging.getLogger(__name__)
 
 def key_hash(key: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def source_digest(modules: Sequence[ModuleType]) -> str:
+    """16 hex digits of SHA-256 over the modules' source: part of a cache key, so that a result made by
+    other code is not read back."""
+    h = hashlib.sha256()
+    for mod in modules:
+        h.update(inspect.getsource(mod).encode())
+    return h.hexdigest()[:16]
 
 
 def _sha256(data: bytes) -> str:

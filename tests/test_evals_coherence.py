@@ -50,6 +50,38 @@ def test_fluency_prefers_real_text_and_floors_empty(tiny) -> None:
     assert math.isfinite(flu[0])
 
 
+def test_fluency_scores_the_completion_after_the_prompt_the_model_was_given(tiny) -> None:
+    """SmolLM2's BOS text is its turn marker <|im_start|>: the chat prompt keeps it (it used to be cut off),
+    and the completion is scored on its own tokens (the prompt's trailing newline is not scored)."""
+    from ember.evals.mc import build_chat_prompt, generate_greedy
+
+    tok = tiny.tokenizer
+    prompt = build_chat_prompt(tok, INSTRUCTIONS[0], use_chat=True)
+    assert prompt.startswith(tok.bos_token) and prompt.endswith("\n")
+    completion = generate_greedy(tiny.model, tok, [prompt], max_new_tokens=6)[0]
+    ctx = tok(prompt, add_special_tokens=False)["input_ids"]
+    cont = tok(completion, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logp = torch.log_softmax(tiny.model(torch.tensor([ctx + cont])).logits[0].float(), -1)
+    expected = float(sum(logp[len(ctx) + j - 1, t] for j, t in enumerate(cont))) / len(cont)
+    (got,) = fluency_scores(tiny.model, tok, [prompt], [completion])
+    assert got == pytest.approx(expected, abs=1e-4)
+
+
+def test_bos_follows_lm_evals_rule(tiny, tiny_gemma) -> None:
+    """Gemma always; otherwise where the tokenizer adds BOS by default (Llama-3), never for SmolLM2's."""
+    from tokenizers.processors import TemplateProcessing
+
+    from ember.evals.loglik import wants_bos
+
+    assert not wants_bos(tiny.model, tiny.tokenizer) and wants_bos(tiny_gemma.model, tiny_gemma.tokenizer)
+    llama_like = copy.deepcopy(tiny.tokenizer)
+    bos = (llama_like.bos_token, llama_like.bos_token_id)
+    llama_like._tokenizer.post_processor = TemplateProcessing(single=f"{bos[0]} $A", special_tokens=[bos])
+    assert llama_like("x")["input_ids"][0] == bos[1]
+    assert wants_bos(tiny.model, llama_like)
+
+
 def test_split_instructions_are_disjoint() -> None:
     tr, te = split_instructions(INSTRUCTIONS, "train", None), split_instructions(INSTRUCTIONS, "test", 2)
     assert tr == INSTRUCTIONS[0::2] and te == INSTRUCTIONS[1::2][:2] and not set(tr) & set(te)

@@ -73,6 +73,17 @@ def test_parse_letter() -> None:
     assert parse_letter("**D**") == 3
     assert parse_letter("BBBB") is None  # not a standalone letter
     assert parse_letter("I think") is None  # the pronoun "I" is no option
+    assert parse_letter("E") is None and parse_letter("E", n_options=5) == 4  # a fifth option has a letter
+
+
+def test_letter_prompt_names_one_letter_per_option() -> None:
+    """The loader accepts 2 or more options: the prompt lists and asks for exactly their letters."""
+    from ember.evals.mc import letter_prompt
+
+    five = letter_prompt(MCQuestion("q5", "Which house?", ["a", "b", "c", "d", "e"], 0))
+    assert "E. e" in five and "(A, B, C, D or E)" in five
+    two = letter_prompt(MCQuestion("q2", "True?", ["yes", "no"], 1))
+    assert "B. no" in two and "(A or B)" in two and "C." not in two
 
 
 def _rigged(tiny, letter: str, option_text: str) -> torch.nn.Module:
@@ -119,6 +130,27 @@ def test_lm_eval_task_files_and_agreement_with_native_scorer(tiny, tmp_path: Pat
     assert lme.acc == pytest.approx(native.acc) and lme.acc_norm == pytest.approx(native.acc_norm)
     ours = option_logliks(tiny.model, tiny.tokenizer, [f"Question: {q.q}\nAnswer:" for q in qs], [q.options for q in qs])
     torch.testing.assert_close(torch.tensor([lme.logliks[q.qid] for q in qs]), torch.tensor(ours), atol=1e-3, rtol=0)
+
+
+def test_an_lm_eval_group_is_one_score_not_one_per_subtask(tiny, tmp_path: Path) -> None:
+    """lm-eval reports a group (MMLU) and each of its subtasks; only the group asked for becomes a term."""
+    import yaml
+
+    from ember.errors import ConfigError
+    from ember.evals.lm_eval_tasks import run_lm_eval_tasks
+
+    qs = _questions(12)
+    a, b = write_mc_task(qs[:6], tmp_path, "fake subject a"), write_mc_task(qs[6:], tmp_path, "fake subject b")
+    (tmp_path / "group.yaml").write_text(yaml.safe_dump({
+        "group": "fakegroup", "task": [a, b], "metadata": {"version": 1},
+        "aggregate_metric_list": [{"metric": "acc", "aggregation": "mean", "weight_by_size": True}]}))
+    res = run_lm_eval_tasks(tiny.model, tiny.tokenizer, ["fakegroup"], batch_size=8, include_path=tmp_path)
+    assert list(res) == ["fakegroup"]
+    native = score_loglik(tiny.model, tiny.tokenizer, qs)
+    assert res["fakegroup"]["acc"] == pytest.approx(native.acc)  # the size-weighted mean of its two subjects
+    (tmp_path / "tag.yaml").write_text(yaml.safe_dump({"group": "fakenoagg", "task": [a, b], "metadata": {"version": 1}}))
+    with pytest.raises(ConfigError, match=r"eval\.lm_eval_tasks: lm-eval reported no score for \['fakenoagg'\]"):
+        run_lm_eval_tasks(tiny.model, tiny.tokenizer, ["fakenoagg"], batch_size=8, include_path=tmp_path)
 
 
 @pytest.mark.parametrize("fixture", ["tiny", "tiny_gemma"])

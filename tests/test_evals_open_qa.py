@@ -16,7 +16,14 @@ from ember.config import EvalConfig
 from ember.data import OpenQuestion
 from ember.errors import ConfigError
 from ember.evals.llm_judge import ChatClient, JudgeError, parse_correct, parse_rating, rate_coherence
-from ember.evals.open_qa import extract_answer, judge_answers, local_judge, normalize_answer, token_f1
+from ember.evals.open_qa import (
+    extract_answer,
+    full_answer,
+    judge_answers,
+    local_judge,
+    normalize_answer,
+    token_f1,
+)
 
 # --------------------------------------------------------------------------------------------------
 # the local judge
@@ -65,6 +72,11 @@ def test_extract_answer() -> None:
     assert extract_answer("   ") == ""
     assert extract_answer("Ron's twin brothers are:\n- Fred\n- George\n\nMore text") == (
         "Ron's twin brothers are: - Fred - George")
+    # a lead-in line, then a blank line, then the answer (instruct models format answers so)
+    assert extract_answer("The answer is:\n\n**Hagrid**") == "The answer is: **Hagrid**"
+    assert extract_answer("**Answer:**\nHagrid\n\nHe is the keeper of keys.") == "**Answer:** Hagrid"
+    assert full_answer("Hagrid, the keeper of keys.\n\nHe lives in a hut.\nQuestion: Who?") == (
+        "Hagrid, the keeper of keys.\n\nHe lives in a hut.")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -88,7 +100,7 @@ class _Judge(BaseHTTPRequestHandler):
         text = body["messages"][-1]["content"]
         if "Reference answer:" in text:
             gold = re.search(r"Reference answer: (.*)", text).group(1).strip().lower()
-            pred = re.search(r"Attempted answer: (.*)", text).group(1).strip().lower()
+            pred = re.search(r"Attempted answer: (.*?)(?:\n\nThe attempt counts|$)", text, re.S).group(1).strip().lower()
             reply = f"The attempt {'matches' if gold in pred else 'differs'}.\nCorrect: {int(gold in pred)}"
         elif "Rate only the fluency" in text:
             reply = "Readable.\nRating: [[1]]"
@@ -135,6 +147,16 @@ def test_llm_judge_verdicts_from_server(judge_url: str, monkeypatch: pytest.Monk
     assert all(s["path"] == "/v1/chat/completions" for s in _Judge.seen)
     assert all(s["auth"] == "Bearer secret-token" for s in _Judge.seen)
     assert _Judge.seen[0]["body"]["model"] == "judge-model"
+
+
+def test_llm_judge_reads_the_whole_answer(judge_url: str) -> None:
+    """The local judge reads the extracted answer; the LLM judge the whole one (reference-spec 5.4)."""
+    client = ChatClient(judge_url, "judge-model", backoff_s=0.01)
+    raw = "Her name is given later:\n\nThe owl belongs to Harry.\n\nIt is Hedwig, a snowy owl."
+    answer = extract_answer(raw)
+    assert "Hedwig" not in answer
+    res = judge_answers(QS[:1], [answer], judge="llm", client=client, attempts=[full_answer(raw)])
+    assert res.items[0].correct and res.items[0].answer == answer
 
 
 def test_llm_judge_retries_transient_errors(judge_url: str) -> None:

@@ -62,12 +62,11 @@ def attack_code_version(name: str | None = None) -> str:
     """A digest of the source of the attack's module (none: plain scoring alone) and of the shared scoring
     code it relies on, part of the cache key of its control run: editing an attack invalidates its
     cached controls."""
-    import hashlib
-    import inspect
     import sys
 
     from ember import models
     from ember.attacks import _lm, base
+    from ember.cache import source_digest
     from ember.evals import loglik, mc
 
     shared = [base, _lm, loglik, mc, models]  # scoring, model plumbing (layers, embed scale, BOS)
@@ -76,11 +75,7 @@ def attack_code_version(name: str | None = None) -> str:
         from ember.evals import suite
 
         shared += [suite, master_weights]
-    h = hashlib.sha256()
-    modules = shared if name is None else [sys.modules[get_attack(name).__module__], *shared]
-    for mod in modules:
-        h.update(inspect.getsource(mod).encode())
-    return h.hexdigest()[:16]
+    return source_digest(shared if name is None else [sys.modules[get_attack(name).__module__], *shared])
 
 
 def get_attack(name: str) -> AttackFn:

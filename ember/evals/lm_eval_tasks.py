@@ -7,8 +7,8 @@ answer``), so the questions can be scored by lm-eval exactly as any benchmark.
 :func:`run_lm_eval` evaluates an in-memory model with ``HFLM(pretrained=model, tokenizer=tok)``
 (nothing is resolved from a hub), and :func:`lm_eval_mc` returns per-question predictions so the
 project's native scorer (:func:`ember.evals.mc.score_loglik`) can be checked against lm-eval.
-lm-eval adds BOS through the tokenizer (Gemma's adds it, SmolLM2's does not); the native scorer
-prepends it for Gemma families only, which agrees for the real models.
+lm-eval adds BOS for Gemma families and otherwise where the tokenizer adds it by default (Llama-3's
+does, SmolLM2's does not); the native scorer follows the same rule (:func:`~ember.evals.loglik.wants_bos`).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ import yaml
 from torch import nn
 
 from ember.data import MCQuestion
+from ember.errors import ConfigError
 from ember.evals.loglik import wants_bos
 
 DEFAULT_TEMPLATE = "Question: {q}\nAnswer:"
@@ -111,11 +112,21 @@ def run_lm_eval_tasks(
     model: nn.Module, tokenizer: Any, tasks: Sequence[str], limit: int | float | None = None, batch_size: int = 16,
     include_path: str | Path | None = None,
 ) -> dict[str, dict[str, float]]:
-    """``{task: {metric: value}}`` (filters stripped: ``acc,none`` -> ``acc``) for any lm-eval task names."""
+    """``{task: {metric: value}}`` (filters stripped: ``acc,none`` -> ``acc``) for the task names asked for.
+
+    A group (``mmlu``) is its aggregate alone: lm-eval also reports each subtask and subgroup (57
+    MMLU subjects), which would otherwise each become a specificity term and a gate of their own."""
     if not tasks:
         return {}
     res = run_lm_eval(model, tokenizer, tasks, limit, batch_size, include_path)
-    return {task: _numeric_metrics(m) for task, m in res["results"].items()}
+    out = {task: _numeric_metrics(res["results"].get(task, {})) for task in tasks}
+    missing = [t for t, m in out.items() if not m]
+    if missing:
+        raise ConfigError(
+            f"eval.lm_eval_tasks: lm-eval reported no score for {missing} (a tag or a group without "
+            f"aggregate_metric_list; it reported {sorted(res['results'])[:8]}...): name a group with an "
+            "aggregate, or its tasks")
+    return out
 
 
 @dataclass

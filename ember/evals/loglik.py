@@ -4,7 +4,8 @@ The vocabulary projection is applied only at continuation positions: Gemma-3's 2
 vocabulary makes full-sequence logits about 1 GB per batch, while the positions that matter are a
 handful per question. Tokenisation follows lm-eval's convention (encode context+continuation
 whole, the continuation is what follows the encoded context; a BOS token is prepended for Gemma
-families), so the scores agree with lm-eval's multiple_choice on the same model.
+families and where the tokenizer adds one by default, as Llama-3's), so the scores agree with
+lm-eval's multiple_choice on the same model.
 """
 
 from __future__ import annotations
@@ -27,11 +28,26 @@ class Scored:
 
 
 def wants_bos(model: nn.Module, tokenizer: Any) -> bool:
+    """Whether a scored sequence starts with the BOS id, by lm-eval's rule: always for Gemma families,
+    otherwise when the tokenizer adds BOS by default (Llama-3's ``<|begin_of_text|>``; SmolLM2 adds none)."""
+    if tokenizer.bos_token_id is None:
+        return False
     family = str(getattr(getattr(model, "config", None), "model_type", ""))
-    return family.startswith("gemma") and tokenizer.bos_token_id is not None
+    if family.startswith("gemma"):
+        return True
+    ids = tokenizer("x")["input_ids"]
+    return bool(ids) and ids[0] == tokenizer.bos_token_id
 
 
-def encode_pair(tokenizer: Any, context: str, continuation: str, bos: bool) -> tuple[list[int], list[int]]:
+def encode_pair(tokenizer: Any, context: str, continuation: str, bos: bool,
+                as_generated: bool = False) -> tuple[list[int], list[int]]:
+    """Token ids of (context, continuation). lm-eval's convention by default: the context's trailing
+    whitespace moves to the continuation and the pair is encoded whole. ``as_generated``: the context
+    exactly as a model was prompted with it and the continuation it generated, encoded apart."""
+    if as_generated:
+        ctx = tokenizer(context, add_special_tokens=False)["input_ids"]
+        cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+        return ([tokenizer.bos_token_id] + ctx if bos else ctx), cont
     n_spaces = len(context) - len(context.rstrip())
     if n_spaces:
         continuation = context[-n_spaces:] + continuation
@@ -81,10 +97,12 @@ def score_continuations(
     batch_size: int = 16,
     progress: bool = False,
     desc: str = "loglik",
+    as_generated: bool = False,
 ) -> list[Scored]:
-    """Score each (context, continuation) pair; batches are sorted by length for little padding."""
+    """Score each (context, continuation) pair (``as_generated``: see :func:`encode_pair`); batches are
+    sorted by length for little padding."""
     bos = wants_bos(model, tokenizer)
-    encoded = [encode_pair(tokenizer, c, x, bos) for c, x in pairs]
+    encoded = [encode_pair(tokenizer, c, x, bos, as_generated) for c, x in pairs]
     order = sorted(range(len(encoded)), key=lambda i: -(len(encoded[i][0]) + len(encoded[i][1])))
     results: list[Scored | None] = [None] * len(encoded)
     device = next(model.parameters()).device

@@ -25,6 +25,7 @@ from __future__ import annotations
 import copy
 import math
 import re
+import string
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -35,7 +36,7 @@ from torch import nn
 from ember.data import MCQuestion
 from ember.evals.loglik import _base_model, _final_logits, encode_pair, score_continuations, wants_bos
 
-LETTERS = "ABCD"
+LETTERS = string.ascii_uppercase  # option letters; the paper has four options (A-D)
 #: float32 elements of vocabulary logits held at once (128 MB): rows per chunk = this / vocab size
 LOGIT_BUDGET = 2**25
 
@@ -301,21 +302,22 @@ def score_loglik(
 
 
 def letter_prompt(q: MCQuestion) -> str:
-    """The paper's prompt layout (reference-spec 5.3), in this project's words."""
-    opts = "\n".join(f"{LETTERS[i]}. {o}" for i, o in enumerate(q.options))
+    """The paper's prompt layout (reference-spec 5.3), in this project's words; one letter per option
+    (A-D for the paper's four)."""
+    letters = LETTERS[: len(q.options)]
+    opts = "\n".join(f"{letter}. {o}" for letter, o in zip(letters, q.options, strict=True))
+    choice = f"{', '.join(letters[:-1])} or {letters[-1]}"
     return (
         "Choose the single best answer to the multiple-choice question below.\n\n"
         f"Question: {q.q}\n\nChoices:\n{opts}\n\n"
-        "Reply with only the letter of your answer (A, B, C or D), with no other text or formatting."
+        f"Reply with only the letter of your answer ({choice}), with no other text or formatting."
     )
 
 
-_LETTER_RE = re.compile(r"\b([ABCD])\b")
-
-
-def parse_letter(text: str) -> int | None:
-    """The first standalone A-D letter in a generation, as an option index (None if there is none)."""
-    m = _LETTER_RE.search(text)
+def parse_letter(text: str, n_options: int = 4) -> int | None:
+    """The first standalone option letter (A-D for four options) in a generation, as an option index
+    (None if there is none)."""
+    m = re.search(rf"\b([{LETTERS[:n_options]}])\b", text)
     return LETTERS.index(m.group(1)) if m else None
 
 
@@ -348,7 +350,7 @@ def generate_greedy(
 ) -> list[str]:
     """Greedy generation, left-padded batches sorted by length; returns only the new text, in input order.
 
-    Gemma-family models get their BOS token (once) as lm-eval and the reference do."""
+    Models that want a BOS (:func:`~ember.evals.loglik.wants_bos`) get it once, as lm-eval and the reference do."""
     from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
@@ -389,7 +391,7 @@ def score_letter(
     texts = generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc="mc-letter")
     items = []
     for q, t in zip(questions, texts, strict=True):
-        pred = parse_letter(t)
+        pred = parse_letter(t, len(q.options))
         ok = pred == q.answer
         items.append(MCItem(qid=q.qid, correct=ok, correct_norm=ok, p_correct=float(ok),
                             pred=-1 if pred is None else pred, answer=q.answer, invalid=pred is None,

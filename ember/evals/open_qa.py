@@ -101,21 +101,36 @@ def local_judge(pred: str, gold: str, f1_threshold: float = 0.5) -> tuple[bool, 
 
 
 def extract_answer(generation: str, max_lines: int = 5) -> str:
-    """The first non-empty line; when it ends with ``:`` (a list follows) the lines up to the next blank one.
+    """The first non-empty line; when it ends with ``:`` (a lead-in: "The answer is:", "**Answer:**", a
+    list) the lines that follow it, blank lines between them and it skipped, up to the next blank one.
 
     Empty when the model skips the answer and starts a new ``Question:``."""
-    lines = [ln.strip() for ln in generation.splitlines()]
+    lines = [ln.strip() for ln in full_answer(generation).splitlines()]
     while lines and not lines[0]:
         lines.pop(0)
-    if not lines or lines[0].startswith("Question:"):
+    if not lines:
         return ""
     out = [lines[0]]
-    if out[0].endswith(":"):
-        for ln in lines[1:max_lines]:
-            if not ln or ln.startswith("Question:"):
+    if out[0].rstrip("*").endswith(":"):
+        rest = lines[1:]
+        while rest and not rest[0]:
+            rest.pop(0)
+        for ln in rest[:max_lines]:
+            if not ln:
                 break
             out.append(ln)
     return " ".join(out)
+
+
+def full_answer(generation: str) -> str:
+    """The generation up to a new ``Question:`` the model may start: what an LLM judge reads (the
+    reference's judge gets the whole answer, reference-spec 5.4)."""
+    kept = []
+    for ln in generation.splitlines():
+        if ln.strip().startswith("Question:"):
+            break
+        kept.append(ln)
+    return "\n".join(kept).strip()
 
 
 def answer_questions(
@@ -129,9 +144,10 @@ def answer_questions(
 
 def judge_answers(
     questions: Sequence[OpenQuestion], answers: Sequence[str], judge: str = "local", f1_threshold: float = 0.5,
-    client: Any = None, threads: int = 8,
+    client: Any = None, threads: int = 8, attempts: Sequence[str] | None = None,
 ) -> OpenResult:
-    """Score extracted answers with the local judge or an :class:`~ember.evals.llm_judge.ChatClient`."""
+    """Score extracted answers with the local judge or an :class:`~ember.evals.llm_judge.ChatClient`
+    (which reads ``attempts``, the whole answers, when given)."""
     f1s = [token_f1(a, q.a) for q, a in zip(questions, answers, strict=True)]
     if judge == "local":
         verdicts = [local_judge(a, q.a, f1_threshold) for q, a in zip(questions, answers, strict=True)]
@@ -142,7 +158,7 @@ def judge_answers(
         if client is None:
             raise ValueError("open_judge='llm' needs a ChatClient")
         res = parallel_map(lambda qa: judge_open_answer(client, qa[0].q, qa[0].a, qa[1]),
-                           list(zip(questions, answers, strict=True)), threads)
+                           list(zip(questions, attempts if attempts is not None else answers, strict=True)), threads)
         oks, notes = [r[0] for r in res], [r[1] for r in res]
     else:
         raise ValueError(f"unknown open-QA judge {judge!r}: use 'local' or 'llm'")
@@ -166,4 +182,4 @@ def evaluate_open(
 
         client = client_from_config(cfg)
     return judge_answers(questions, answers, cfg.open_judge, cfg.f1_threshold, client,
-                         int(getattr(cfg, "llm_threads", 8)))
+                         int(getattr(cfg, "llm_threads", 8)), attempts=[full_answer(r) for r in raw])

@@ -26,6 +26,7 @@ paper's metrics (:mod:`ember.evals.metrics`). Multiple-choice fractions are chan
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
@@ -214,6 +215,9 @@ def part_coherence(ctx: EvalContext) -> PartOutput:
     ins = split_instructions(instructions(ctx.store), ctx.split, ctx.cfg.coherence_n)
     if not ins:
         return PartOutput({"coherence_skipped": "no instructions"})
+    if len(ins) < ctx.cfg.coherence_n:
+        _warn_once(f"coherence_n_{ctx.split}", f"eval.coherence_n={ctx.cfg.coherence_n}, but the instructions file "
+                   f"holds {len(ins)} for the {ctx.split} split (every other one): coherence uses those {len(ins)}")
     res = evaluate_coherence(ctx.model, ctx.tokenizer, ins, ctx.cfg, ctx.judge_model, ctx.use_chat, ctx.progress)
     scores = {**{k: v for k, v in res.summary().items() if k != "n"}, "coherence_n": res.n,
               "fluency_judge": "base model" if ctx.judge_model is not None else "self"}
@@ -279,11 +283,26 @@ def enabled_parts(cfg: Any) -> list[str]:
     return [p for p in PART_ORDER if on[p]]
 
 
+@functools.cache
+def scoring_code_version() -> str:
+    """A digest of the scoring code's source (this module, the scorers and judges): part of the keys of
+    cached baselines and of choices made from scores, so a scorer fix is never compared against
+    numbers the old code produced."""
+    import sys
+
+    from ember import semantic
+    from ember.cache import source_digest
+    from ember.evals import coherence, llm_judge, lm_eval_tasks, loglik, mc, open_qa, retention
+
+    return source_digest([sys.modules[__name__], mc, loglik, coherence, retention, open_qa, lm_eval_tasks,
+                          llm_judge, semantic])
+
+
 def data_settings(tokenizer: Any, concept: ConceptData, store: ConceptStore, cfg: Any, split: str) -> dict[str, Any]:
-    """What every enabled part's scores depend on (settings and data digests): a cache key for
-    anything chosen from evaluations, so a changed question or text invalidates the choice."""
+    """What every enabled part's scores depend on (settings, data digests and the scoring code): a cache
+    key for anything chosen from evaluations, so a changed question, text or scorer invalidates the choice."""
     ctx = EvalContext(None, tokenizer, concept, store, cfg, split)  # type: ignore[arg-type]
-    return {name: PARTS[name].settings(ctx) for name in enabled_parts(cfg)}
+    return {"code": scoring_code_version(), **{name: PARTS[name].settings(ctx) for name in enabled_parts(cfg)}}
 
 
 def mc_scorer(cfg: Any, tokenizer: Any) -> Callable[[nn.Module, Any, Sequence[Any]], MCResult]:
