@@ -395,6 +395,19 @@ def stage_seconds(job_dir: Path) -> str:
     return ", ".join(parts)
 
 
+def job_headline(job: Path) -> str:
+    """The main job's headline metrics from its results.json (what `make run` printed)."""
+    import json
+
+    res = json.loads((job / "results.json").read_text())["results"]
+    out = []
+    for concept, r in res.items():
+        keys = ("efficacy", "specificity", "coherence", "harmonic")
+        out.append(f"{concept}: " + ", ".join(f"{k} {r.get('evaluate/' + k, float('nan')):.3f}" for k in keys)
+                   + f", relearn acc {r.get('relearn/relearn_acc', float('nan')):.3f}")
+    return "; ".join(out)
+
+
 def bench_main_job(opts: BenchOptions) -> list[Row]:
     """`make run` end to end: cold (empty caches except the converted model) and warm (everything cached)."""
     import shutil
@@ -423,7 +436,7 @@ def bench_main_job(opts: BenchOptions) -> list[Row]:
         first = next(iter(times.values()))
         note = f"peak RSS {rss:.0f} MiB"
         if len(times) == 1:
-            note += "; stages: " + stage_seconds(tmp / "job")
+            note += "; stages: " + stage_seconds(tmp / "job") + "; results: " + job_headline(tmp / "job")
         rows.append(Row("main job (`make run`)", label, t, "s", baseline=first if len(times) > 1 else None, note=note))
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
