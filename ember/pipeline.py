@@ -689,7 +689,7 @@ def run_job(cfg: DictConfig) -> float | None:
         results = {c.name: collect_concept(files, c.slug) for c in concepts}
         for c in concepts:
             logger.replay(c.slug, results[c.name])
-            (files.concept_dir(c.slug) / "FAILED.txt").unlink(missing_ok=True)  # an earlier launch's
+            files.failure_path(c.slug).unlink(missing_ok=True)  # an earlier launch's
         return _finish_job(cfg, out, logger, results, {}, t_job, nothing_run=True)
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
@@ -704,11 +704,11 @@ def run_job(cfg: DictConfig) -> float | None:
     for i, concept in enumerate(concepts):
         try:
             results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger).run()
-            (files.concept_dir(concept.slug) / "FAILED.txt").unlink(missing_ok=True)  # an earlier launch's
+            files.failure_path(concept.slug).unlink(missing_ok=True)  # an earlier launch's
         except Exception as exc:  # one concept failing must not lose the others
             failures[concept.name] = f"{type(exc).__name__}: {exc}"
             log.error("[%s] failed: %s", concept.name, failures[concept.name])
-            atomic_write_text(files.concept_dir(concept.slug) / "FAILED.txt", traceback.format_exc())
+            atomic_write_text(files.failure_path(concept.slug), traceback.format_exc())
             if isinstance(exc, (ConfigError, ModelUnavailableError)) and i + 1 < len(concepts):
                 # a setting or a model, not this concept's data: the next concepts would fail the same way
                 # after recomputing their baselines; they are left for the corrected command

@@ -60,6 +60,10 @@ class JobFiles:
         d.mkdir(parents=True, exist_ok=True)
         return d
 
+    def failure_path(self, concept_slug: str) -> Path:
+        """``FAILED.txt``: the traceback of a concept that raised (removed when a later launch finishes it)."""
+        return self.concept_dir(concept_slug) / "FAILED.txt"
+
     def stage_path(self, concept_slug: str, stage: str) -> Path:
         return self.concept_dir(concept_slug) / f"{stage}.json"
 

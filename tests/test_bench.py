@@ -53,6 +53,19 @@ def test_partial_run_replaces_only_its_sections(tmp_path: Path) -> None:
     assert text.startswith("# Benchmarks") and text.rstrip().endswith("notes")
 
 
+def test_a_full_run_keeps_stamped_sections_it_did_not_measure(tmp_path: Path) -> None:
+    """A full `make bench` on a CPU does not run the GPU-only section: its earlier stamped tables stay."""
+    bench = _bench()
+    out = tmp_path / "BENCHMARKS.md"
+    bench.write_markdown([bench.Row("mc", "fast path", 5.0, "s")], "make bench", out, 1.0, machine_line="m")
+    out.write_text(out.read_text() + f"\n{bench.NOTES_MARKER}\n\nnotes\n")
+    bench.write_markdown([bench.Row("paper scale: x", "edit", 3.0, "ms")], "make bench ARGS='--only paper_scale'",
+                         out, 1.0, partial=True, machine_line="gpu")
+    text = bench.write_markdown([bench.Row("mc", "fast path", 4.0, "s")], "make bench", out, 1.0, machine_line="m")
+    assert "| fast path | 4 s |" in text and "| edit | 3 ms |" in text and "ARGS='--only paper_scale'" in text
+    assert text.rstrip().endswith("notes")
+
+
 @pytest.mark.slow
 def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest.MonkeyPatch) -> None:
     """The section a lent GPU runs (device time is scarce): every row, on shapes shrunk to test size."""
@@ -74,9 +87,10 @@ def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest
         names = [r.name for r in got]
         assert "factorization K=100, project default (plateau)" in names, section
         plateau = got[names.index("factorization K=100, project default (plateau)")]
-        assert plateau.baseline is not None and plateau.ratio is not None  # beside the reference rule, same run
+        assert plateau.baseline is not None and plateau.ratio is not None  # beside the reference, same run
+        assert "reference rule (tol 1e-4, patience 500)" in " ".join(names)  # and the float64 rule-only figure
         n_vprime = [int(got[names.index(n)].note.split("|V'|=")[1].split(",")[0].split(";")[0]) for n in (
-            "factorization K=100, reference rule (tol 1e-4, patience 500)",
+            "factorization K=100, the reference (its rule: tol 1e-4, patience 500; float32)",
             "factorization K=100, project default background (neutral + other concepts + general)")]
         assert 0 < n_vprime[0] < n_vprime[1]  # the wider background brings more tokens into V'
         edit, edit_all = (got[names.index(n)] for n in ("restore + edit (delta 10)",
