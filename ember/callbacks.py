@@ -126,12 +126,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         main = Path(config.hydra.sweep.dir)
-        dirs = [main, *(d for d in self._sweep_dirs if d != main)]
-        for sweep_dir in dirs:
-            if sweep_dir == main and not job_dirs(sweep_dir) and len(dirs) > 1:
+        has_jobs = {d: bool(job_dirs(d)) for d in [main, *self._sweep_dirs]}  # one directory scan each
+        for sweep_dir in has_jobs:
+            if sweep_dir == main and not has_jobs[main] and len(has_jobs) > 1:
                 continue  # a sweep over experiment=: the jobs went to each experiment's directory
             st = write_sweep_status(sweep_dir)
             print(format_status(sweep_dir, st))  # stdout only (logging here would print it twice)
-        if not any(job_dirs(d) for d in dirs):
+        if not any(has_jobs.values()):
             print(f"no job directory under {main}: jobs of a sweep over experiment= go to "
                   "outputs/<experiment_name>/ (python -m ember.report outputs/<experiment_name>)")
