@@ -87,6 +87,7 @@ class _Judge(BaseHTTPRequestHandler):
     """Grades by substring: correct iff the reference answer appears in the attempt; 0-2 ratings fixed."""
 
     fail_first = 0
+    rate_up_to: int | None = None  # rate only texts of at most this many characters (else no rating)
     seen: list[dict[str, Any]] = []
 
     def do_POST(self) -> None:  # noqa: N802
@@ -102,6 +103,8 @@ class _Judge(BaseHTTPRequestHandler):
             gold = re.search(r"Reference answer: (.*)", text).group(1).strip().lower()
             pred = re.search(r"Attempted answer: (.*?)(?:\n\nThe attempt counts|$)", text, re.S).group(1).strip().lower()
             reply = f"The attempt {'matches' if gold in pred else 'differs'}.\nCorrect: {int(gold in pred)}"
+        elif (cap := type(self).rate_up_to) is not None and len(_rated_text(text)) > cap:
+            reply = "I cannot rate this."
         elif "Rate only the fluency" in text:
             reply = "Readable.\nRating: [[1]]"
         else:
@@ -118,10 +121,16 @@ class _Judge(BaseHTTPRequestHandler):
         pass
 
 
+def _rated_text(prompt: str) -> str:
+    """The completion inside a coherence prompt (after ``Response:`` or ``Text:``, up to the blank line)."""
+    return re.search(r"(?:Response|Text): (.*?)\n\n", prompt, re.S).group(1)
+
+
 @pytest.fixture
 def judge_url() -> Iterator[str]:
     _Judge.seen = []
     _Judge.fail_first = 0
+    _Judge.rate_up_to = None
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Judge)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
@@ -173,6 +182,27 @@ def test_coherence_ratings_from_server(judge_url: str) -> None:
     client = ChatClient(judge_url, "m", backoff_s=0.01)
     assert rate_coherence(client, "Describe autumn.", "Leaves fall and turn red.") == (2, 1, False)
     assert rate_coherence(client, "Describe autumn.", "  ") == (0, 0, False)
+    fluency_texts = [_rated_text(s["body"]["messages"][-1]["content"]) for s in _Judge.seen
+                     if "Rate only the fluency" in s["body"]["messages"][-1]["content"]]
+    assert fluency_texts == ["Leaves fall and turn red.."]  # the reference appends a full stop
+
+
+def test_coherence_ratings_retry_with_the_completion_cut_to_150_then_50_characters(judge_url: str) -> None:
+    """Reference-spec 5.5: a rating that fails is retried on the completion's first 150, then 50
+    characters; after that it counts 0 and the item is a judge failure."""
+    client = ChatClient(judge_url, "m", backoff_s=0.01)
+    completion = "Autumn leaves drift down. " * 12  # 312 characters
+    _Judge.rate_up_to = 60
+    assert rate_coherence(client, "Describe autumn.", completion) == (2, 1, False)
+    lengths = [len(_rated_text(s["body"]["messages"][-1]["content"])) for s in _Judge.seen]
+    stripped = len(completion.strip())
+    assert lengths == [stripped, 150, 50, stripped + 1, 151, 51]  # relevance tries, then fluency's (with ".")
+    _Judge.seen, _Judge.rate_up_to = [], 10
+    assert rate_coherence(client, "Describe autumn.", completion) == (0, 0, True)
+    assert len(_Judge.seen) == 6
+    _Judge.seen = []
+    assert rate_coherence(client, "Describe autumn.", "Leaves fall, turn red and gather.") == (0, 0, True)
+    assert len(_Judge.seen) == 2  # a completion shorter than 50 characters has nothing to cut
 
 
 def test_parsers() -> None:

@@ -185,6 +185,9 @@ def parse_rating(text: str) -> int | None:
     return int(found[-1]) if found else None
 
 
+RETRY_LENGTHS = (150, 50)  # characters: the reference's fallback when a rating fails (reference-spec 5.5)
+
+
 def rate(client: ChatClient, prompt: str) -> int | None:
     try:
         return parse_rating(client.chat([{"role": "user", "content": prompt}]))
@@ -193,10 +196,27 @@ def rate(client: ChatClient, prompt: str) -> int | None:
         return None
 
 
+def rate_with_fallback(client: ChatClient, make_prompt: Callable[[str], str], completion: str) -> int | None:
+    """A 0-2 rating of ``completion`` (``make_prompt`` puts it into the judge's prompt); when no rating
+    comes back (a failed call or no ``Rating: [[n]]``), retried with the completion cut to 150, then 50
+    characters, as the reference does; None when every try failed."""
+    tries = [completion] + [completion[:n] for n in RETRY_LENGTHS if n < len(completion)]
+    for text in tries:
+        rating = rate(client, make_prompt(text))
+        if rating is not None:
+            return rating
+    return None
+
+
 def rate_coherence(client: ChatClient, instruction: str, completion: str) -> tuple[int, int, bool]:
-    """(relevance 0-2, fluency 0-2, failed); an empty completion is 0/0 without a call."""
-    if not completion.strip():
+    """(relevance 0-2, fluency 0-2, failed); an empty completion is 0/0 without a call.
+
+    The fluency judge gets the completion with a ``.`` appended (the reference's wording, so a cut-off
+    last sentence reads as ended). A rating that fails after the truncated retries counts 0 and sets
+    ``failed``."""
+    text = completion.strip()
+    if not text:
         return 0, 0, False
-    rel = rate(client, RELEVANCE_PROMPT.format(instruction=instruction, completion=completion.strip()))
-    flu = rate(client, FLUENCY_PROMPT.format(completion=completion.strip()))
+    rel = rate_with_fallback(client, lambda t: RELEVANCE_PROMPT.format(instruction=instruction, completion=t), text)
+    flu = rate_with_fallback(client, lambda t: FLUENCY_PROMPT.format(completion=t + "."), text)
     return rel or 0, flu or 0, rel is None or flu is None
