@@ -8,11 +8,13 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
 import ember.config  # noqa: F401  (registers the schemas and resolvers)
+from ember.callbacks import record_job_status
 from ember.errors import EmberError
 from ember.paths import CONF_DIR
 
@@ -34,8 +36,12 @@ def main(cfg: DictConfig) -> float | None:
         return run_job(cfg)
     except EmberError as exc:
         log.error("error: %s", exc)
-        if HydraConfig.get().mode == RunMode.MULTIRUN:
+        hc = HydraConfig.get()
+        if hc.mode == RunMode.MULTIRUN:
             raise  # recorded by Hydra and by the sweep summary; the other jobs go on
+        # a clean exit code instead of Hydra's traceback; Hydra calls no on_job_end for SystemExit,
+        # so the job's failure is recorded here
+        record_job_status(Path(hc.runtime.output_dir), f"{type(exc).__name__}: {exc}", list(hc.overrides.task))
         raise SystemExit(2) from None
 
 

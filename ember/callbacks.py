@@ -58,6 +58,14 @@ def failed_stages(job: Path) -> list[str]:
     return out
 
 
+def record_job_status(job: Path, error: str | None, overrides: list[str]) -> None:
+    """Write ``job_status.json`` into a job directory: ``failed`` with ``error``, else ``complete``."""
+    from ember.locking import atomic_write_json
+
+    atomic_write_json(Path(job) / JOB_STATUS, {"status": "failed" if error else "complete", "time": time.time(),
+                                                "error": error, "overrides": overrides})
+
+
 def sweep_status(sweep_dir: Path) -> dict[str, list[str]]:
     """Jobs of a sweep directory by status: ok, failed (with reason), incomplete; plus failed stages."""
     status: dict[str, list[str]] = {"ok": [], "failed": [], "incomplete": [], "failed_stages": []}
@@ -107,15 +115,11 @@ class SweepSummary(Callback):
         from hydra.types import RunMode
 
         try:
-            from ember.locking import atomic_write_json
-
             job = Path(config.hydra.runtime.output_dir)
             failed = job_return.status == JobStatus.FAILED
             exc = getattr(job_return, "_return_value", None) if failed else None
-            atomic_write_json(job / JOB_STATUS, {
-                "status": "failed" if failed else "complete", "time": time.time(),
-                "error": f"{type(exc).__name__}: {exc}" if exc is not None else None,
-                "overrides": list(job_return.overrides or [])})
+            error = (f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error") if failed else None
+            record_job_status(job, error, list(job_return.overrides or []))
             if config.hydra.mode == RunMode.MULTIRUN:
                 sweep_dir = Path(config.hydra.sweep.dir)
                 write_sweep_status(sweep_dir)

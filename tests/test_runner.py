@@ -365,7 +365,9 @@ def test_a_setting_error_inside_a_concept_stops_before_the_next_concepts(tmp_pat
     job = tmp_path / "job"
     r = jobs.run_ember(["concepts=starter_all", "attacks=all", "attacks.enabled=[gcg]",
                         "eval.prompt_template='Q: {q} / {q} A:'", f"hydra.run.dir={job}"], cache, check=False)
-    assert r.returncode != 0
+    assert r.returncode == 2  # a clean exit: the error line, not Hydra's traceback
+    status = jobs.read_json(job / "job_status.json")  # a single run records its failure as a sweep's job does
+    assert status["status"] == "failed" and "concept(s) failed" in status["error"]
     res = jobs.read_json(job / "results.json")
     first, *rest = res["failures"]
     assert "GCG needs exactly one" in res["failures"][first] and rest
