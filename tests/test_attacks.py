@@ -280,6 +280,28 @@ def test_gcg_lowers_its_loss_and_is_reproducible(tiny, concept) -> None:
     b = optimise_suffix(tiny.model, tiny.tokenizer, qs, TEMPLATE, s, seed=0)
     assert a["suffix_ids"] == b["suffix_ids"] and a["losses"] == b["losses"]
     assert tiny.tokenizer(a["suffix"], add_special_tokens=False)["input_ids"] == a["suffix_ids"]
+    from ember.attacks.gcg import _build_problem, retokenizes_in_context
+
+    assert retokenizes_in_context(tiny.tokenizer, _build_problem(tiny.tokenizer, qs, TEMPLATE, "suffix", False),
+                                  a["suffix_ids"])
+
+
+def test_gcg_drops_a_suffix_whose_first_token_merges_with_the_question(tiny, concept) -> None:
+    """"?" re-encodes alone, but after a question's "?" the two become one token ("??"): the evaluation,
+    which reads the prompt as text, would not see the optimised suffix."""
+    from ember.attacks.gcg import _build_problem, retokenizes_in_context
+
+    tok = tiny.tokenizer
+    qs = concept.mc["QA_train"][:3]
+    assert all(q.q.endswith("?") for q in qs)
+    prob = _build_problem(tok, qs, TEMPLATE, "suffix", False)
+    space_bang = tok(" !", add_special_tokens=False)["input_ids"]
+    merging = tok("?", add_special_tokens=False)["input_ids"] + space_bang * 2
+    assert tok(tok.decode(merging), add_special_tokens=False)["input_ids"] == merging  # fine on its own
+    assert not retokenizes_in_context(tok, prob, merging)
+    assert retokenizes_in_context(tok, prob, space_bang * 3)
+    # before the whole prompt ("prefix"), the same suffix is followed by "Question:" and keeps its tokens
+    assert retokenizes_in_context(tok, _build_problem(tok, qs, TEMPLATE, "prefix", True), merging)
 
 
 def test_gcg_packed_scoring_matches_unpacked(tiny, concept) -> None:

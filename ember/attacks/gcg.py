@@ -12,8 +12,9 @@ never rises). The loss is the cross-entropy of the correct option under the soft
 options' summed log-likelihoods (``loss: ce``, the multiple-choice objective), or the correct
 option's mean token negative log-likelihood (``loss: nll``).
 
-Candidates whose decoded text does not re-encode to the same tokens are dropped, so the suffix
-the evaluation sees as text is the one that was optimised. Tokens outside printable ASCII and
+Candidates whose decoded text does not re-encode to the same tokens, alone and inside each train
+prompt (a boundary token can merge with the text beside it), are dropped, so the suffix the
+evaluation sees as text is the one that was optimised. Tokens outside printable ASCII and
 special tokens are never proposed (``allow_non_ascii``).
 """
 
@@ -70,6 +71,9 @@ class _Problem:
     b: list[list[int]]
     conts: list[list[list[int]]]  # per question, per option
     answers: list[int]
+    a_text: list[str]  # the text of a (without BOS) and of b, per question: the suffix goes between them
+    b_text: list[str]
+    n_bos: int  # 1 when a starts with the BOS id
 
 
 def _split_template(template: str) -> tuple[str, str]:
@@ -81,20 +85,20 @@ def _split_template(template: str) -> tuple[str, str]:
 
 def _build_problem(tok: Any, qs: Sequence[Any], template: str, placement: str, bos: bool) -> _Problem:
     before, after = _split_template(template)
-    a, b, conts = [], [], []
+    a, b, conts, a_text, b_text = [], [], [], [], []
     for q in qs:
         full = before + q.q + after
-        if placement == "suffix":
-            ai = tok(before + q.q, add_special_tokens=False)["input_ids"]
-            bi = tok(after, add_special_tokens=False)["input_ids"]
-        else:
-            ai, bi = [], tok(full, add_special_tokens=False)["input_ids"]
+        at, bt = (before + q.q, after) if placement == "suffix" else ("", full)
+        ai = tok(at, add_special_tokens=False)["input_ids"] if at else []
+        bi = tok(bt, add_special_tokens=False)["input_ids"]
         if bos:
             ai = [tok.bos_token_id] + ai
         a.append(ai)
         b.append(bi)
+        a_text.append(at)
+        b_text.append(bt)
         conts.append([encode_pair(tok, full, " " + o, False)[1] for o in q.options])
-    return _Problem(a, b, conts, [q.answer for q in qs])
+    return _Problem(a, b, conts, [q.answer for q in qs], a_text, b_text, int(bos))
 
 
 _MASKS: weakref.WeakKeyDictionary[Any, dict[tuple[int, bool], torch.Tensor]] = weakref.WeakKeyDictionary()
@@ -275,8 +279,15 @@ def candidate_losses(model: nn.Module, prob: _Problem, cands: list[list[int]], l
     return [float(_loss_from_ll(ll[j * per : (j + 1) * per], prob, loss)) for j in range(len(cands))]
 
 
-def _retokenizes(tok: Any, ids: list[int]) -> bool:
-    return tok(tok.decode(ids), add_special_tokens=False)["input_ids"] == ids
+def retokenizes_in_context(tok: Any, prob: _Problem, ids: list[int]) -> bool:
+    """Whether the suffix's text, placed in each train prompt, encodes to exactly the optimised tokens:
+    the suffix alone re-encoding is not enough, since its first or last token can merge with the text
+    beside it (the evaluation sees the prompt as text)."""
+    text = tok.decode(ids)
+    if tok(text, add_special_tokens=False)["input_ids"] != ids:
+        return False
+    return all(tok(at + text + bt, add_special_tokens=False)["input_ids"] == a[prob.n_bos:] + ids + b
+               for a, b, at, bt in zip(prob.a, prob.b, prob.a_text, prob.b_text, strict=True))
 
 
 def _init_suffix(tok: Any, init: str, n: int) -> list[int]:
@@ -331,7 +342,7 @@ def optimise_suffix(model: nn.Module, tok: Any, train_qs: Sequence[Any], templat
         for p, v in zip(pos.tolist(), val.tolist(), strict=True):
             c = list(suffix)
             c[p] = v
-            if tuple(c) in seen or (s["filter_retokenize"] and not _retokenizes(tok, c)):
+            if tuple(c) in seen or (s["filter_retokenize"] and not retokenizes_in_context(tok, prob, c)):
                 continue
             seen.add(tuple(c))
             cands.append(c)
