@@ -84,7 +84,8 @@ def test_hydra_composed_params_work() -> None:
 @pytest.mark.parametrize("name,key,value", [
     ("ga", "lr", -1.0), ("ga", "steps", 0), ("ga", "trainable", "model.(layers"), ("ga", "layers", [0.5]),
     ("graddiff", "retain_weight", -1.0), ("npo", "beta", 0.0), ("rmu", "layer", 1.5), ("rmu", "layer_ids", []),
-    ("rmu", "steps", 2.5), ("rmu", "param_names", "mlp.down_proj.weight"), ("snmf", "coverage_thresh", 2.0),
+    ("rmu", "steps", 2.5), ("rmu", "param_names", "mlp.down_proj.weight"), ("rmu", "padding_side", "middle"),
+    ("snmf", "coverage_thresh", 2.0),
     ("snmf", "in_delta", -1.0), ("snmf", "occurrence_labels", "words"), ("snmf", "out_layers", [0.9, "x"]),
 ])
 def test_bad_params_name_the_key(name: str, key: str, value) -> None:
@@ -205,6 +206,23 @@ def test_rmu_steers_layer_toward_control_vector(tiny) -> None:
     assert cos1 > cos0 + 0.3 and mse1 < mse0
     assert retain_drift < 0.1 * mse0  # retain activations stay near the frozen model's
     assert report.extra["loss_parts"][0]["retain_mse"] == 0.0  # the frozen pass = the model as handed in
+
+
+def test_rmu_pads_on_the_side_asked(tiny) -> None:
+    """``padding_side: left`` is the reference's tokenizer; with ``mask_padding: false`` (the reference's
+    MSE over every position) the padding positions count, so the side changes the loss."""
+    right = make_batches(tiny.tokenizer, CONCEPT[:6], 6, 32)[0]
+    left = make_batches(tiny.tokenizer, CONCEPT[:6], 6, 32, padding_side="left")[0]
+    assert (right.attention_mask[:, 0] == 1).all() and (left.attention_mask[:, -1] == 1).all()
+    assert not (left.attention_mask[:, 0] == 1).all()  # a shorter row is padded at the front
+    assert torch.equal(left.attention_mask.sum(1), right.attention_mask.sum(1))
+    first = {}
+    for side in ("right", "left"):
+        rep = get_method("rmu", {**FAST, "layer": 1, "steps": 1, "mask_padding": False, "steering_coeff": 0.0,
+                                 "padding_side": side}).apply(ctx_for(tiny))
+        assert rep.status == "ok"  # padding-only attention rows at the front stay finite
+        first[side] = rep.extra["loss_parts"][0]["forget_mse"]
+    assert first["left"] != pytest.approx(first["right"], rel=1e-4)
 
 
 def test_rmu_one_pass_by_default(tiny) -> None:

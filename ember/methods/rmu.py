@@ -81,6 +81,7 @@ class RMU(Method):
         "max_length": 512,
         "steps": 24,  # null = one pass over the data (the reference: min(#forget, #retain batches))
         "mask_padding": True,  # false = the reference's MSE over every position, padding included
+        "padding_side": "right",  # left = the reference's tokenizer (matters only with mask_padding: false)
         "adam_eps": 1e-6,
         "weight_decay": 0.0,
         "max_grad_norm": None,
@@ -108,6 +109,7 @@ class RMU(Method):
             check_positive_int(p, k)
         check_positive_int(p, "steps", allow_none=True)
         require(isinstance(p["mask_padding"], bool), "mask_padding", p["mask_padding"], "use true or false")
+        require(p["padding_side"] in ("left", "right"), "padding_side", p["padding_side"], "use left or right")
 
     def check_against_model(self, n_layers: int, d_mlp: int | None = None) -> None:
         self.resolve_layers(n_layers)
@@ -135,8 +137,11 @@ class RMU(Method):
         if not ctx.forget_texts or not ctx.retain_texts:
             raise DataError("RMU needs both forget (concept) and retain (neutral) texts; one list is empty")
         # forget and retain texts shuffled with the job seed (the reference: one random.Random(42) for both)
-        fb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.forget_texts, ctx.seed), p["batch_size"], p["max_length"], dev)
-        rb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.retain_texts, ctx.seed + 1), p["batch_size"], p["max_length"], dev)
+        side = p["padding_side"]
+        fb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.forget_texts, ctx.seed), p["batch_size"], p["max_length"],
+                          dev, side)
+        rb = make_batches(ctx.tokenizer, seeded_shuffle(ctx.retain_texts, ctx.seed + 1), p["batch_size"],
+                          p["max_length"], dev, side)
         steps = p["steps"] if p["steps"] is not None else min(len(fb), len(rb))
         # first pass in the order of the shuffled texts (upstream's single pass); later passes reshuffle
         forget, retain = BatchCycler(fb, ctx.seed, in_order=True), BatchCycler(rb, ctx.seed + 1, in_order=True)

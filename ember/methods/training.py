@@ -201,12 +201,13 @@ class TokenBatch:
 
 
 def make_batches(tokenizer: Any, texts: Sequence[str], batch_size: int, max_length: int,
-                 device: torch.device | str = "cpu") -> list[TokenBatch]:
-    """Fixed batches of ``batch_size`` texts, right padded and right truncated to ``max_length`` tokens."""
+                 device: torch.device | str = "cpu", padding_side: str = "right") -> list[TokenBatch]:
+    """Fixed batches of ``batch_size`` texts, padded on ``padding_side`` and right truncated to
+    ``max_length`` tokens."""
     out = []
     for i in range(0, len(texts), batch_size):
         enc = tokenizer(list(texts[i : i + batch_size]), return_tensors="pt", padding=True, truncation=True,
-                        max_length=max_length, padding_side="right")
+                        max_length=max_length, padding_side=padding_side)
         ids, mask = enc["input_ids"].to(device), enc["attention_mask"].to(device)
         out.append(TokenBatch(ids, mask, ids.masked_fill(mask == 0, -100)))
     return out
