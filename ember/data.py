@@ -54,6 +54,12 @@ class OpenQuestion:
     qid: str
     q: str
     a: str
+    aliases: tuple[str, ...] = ()  # other accepted wordings of ``a`` (optional ``aliases`` in the file)
+
+    @property
+    def answers(self) -> tuple[str, ...]:
+        """Every accepted answer: ``a`` first, then its aliases."""
+        return (self.a, *self.aliases)
 
 
 @dataclass
@@ -230,7 +236,11 @@ def _open_items(items: Any, path: Path, key: str, concept: str, split: str) -> l
         k = f"{key}[{i}]"
         _expect(isinstance(it, dict) and isinstance(it.get("q"), str) and isinstance(it.get("a"), str),
                 path, k, "expected an object with string fields 'q' and 'a'")
-        out.append(OpenQuestion(qid=_qid(seen, path, key, concept, split, it["q"], i), q=it["q"], a=it["a"]))
+        aliases = it.get("aliases", [])
+        _expect(isinstance(aliases, list) and all(isinstance(x, str) and x.strip() for x in aliases),
+                path, f"{k}.aliases", "expected a list of non-empty strings (other accepted wordings of 'a')")
+        out.append(OpenQuestion(qid=_qid(seen, path, key, concept, split, it["q"], i), q=it["q"], a=it["a"],
+                                aliases=tuple(aliases)))
     return out
 
 

@@ -71,6 +71,10 @@ def _edit(path: Path, fn) -> None:
         ("relearn_paragraphs.json", lambda d: d.pop("Baseball"), "relearn_paragraphs.json: key 'Baseball'"),
         ("concept_sentences.json", lambda d: d[0].update(sentences="oops"), "[0].sentences"),
         ("neutral_sentences.json", lambda d: d[4].pop("sentence"), "[4].sentence"),
+        ("open_questions.json", lambda d: d["Baseball"]["QA_test"][2].update(aliases="Babe"),
+         "Baseball.QA_test[2].aliases"),
+        ("open_questions.json", lambda d: d["Baseball"]["QA_test"][2].update(aliases=["Babe", " "]),
+         "Baseball.QA_test[2].aliases"),
     ],
 )
 def test_malformed_files_name_file_and_key(release_dir: Path, tmp_path: Path, fname, mutate, expect) -> None:

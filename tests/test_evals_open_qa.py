@@ -49,6 +49,23 @@ def test_local_judge_pairs(pred: str, gold: str, ok: bool, rule: str) -> None:
     assert got_rule == rule
 
 
+def test_aliases_are_accepted_answers() -> None:
+    """An item's aliases count as the gold answer for the local judge (F1: the best over them, as SQuAD's
+    max over references); the LLM judge is told them."""
+    from ember.evals.open_qa import judge_against_answers, reference_text
+
+    q = OpenQuestion("s", "Which god murdered Osiris?", "Set", aliases=("Seth", "Sutekh"))
+    assert q.answers == ("Set", "Seth", "Sutekh")
+    assert judge_against_answers("It was Seth, his brother.", q.answers) == (True, pytest.approx(2 / 6), "contained")
+    assert judge_against_answers("Seth", q.answers)[1:] == (1.0, "exact")
+    assert judge_against_answers("Horus", q.answers) == (False, 0.0, "none")
+    assert not local_judge("It was Seth, his brother.", "Set")[0]  # without the alias: wrong
+    res = judge_answers([q], ["Seth"], judge="local")
+    assert res.acc == 1.0 and res.mean_f1 == 1.0 and res.items[0].gold == "Set"
+    assert reference_text(q) == "Set (also accepted: Seth; Sutekh)"
+    assert reference_text(OpenQuestion("h", "Owl?", "Hedwig")) == "Hedwig"
+
+
 def test_local_judge_f1_rule_and_threshold() -> None:
     # "harry and ron" vs "harry ron and hermione": common 3 tokens, P = 1, R = 3/4 -> F1 = 6/7
     assert token_f1("Harry and Ron", "Harry, Ron and Hermione") == pytest.approx(6 / 7)

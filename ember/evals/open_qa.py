@@ -8,7 +8,8 @@ with a colon.
 The paper judges answers with Gemini. This project's default, offline **local judge** calls an
 answer correct when, after SQuAD-style normalisation (lower case, no punctuation or articles,
 single spaces), the gold answer appears in the attempt as a whole-word phrase, the attempt equals
-it, or the token F1 between them reaches ``f1_threshold``. ``open_judge=llm`` uses
+it, or the token F1 between them reaches ``f1_threshold``; an item's ``aliases`` are tried as gold
+answers too. ``open_judge=llm`` uses
 :mod:`ember.evals.llm_judge` instead (binary verdict).
 """
 
@@ -96,6 +97,15 @@ def local_judge(pred: str, gold: str, f1_threshold: float = 0.5) -> tuple[bool, 
     return False, f1, "none"
 
 
+def judge_against_answers(pred: str, answers: Sequence[str], f1_threshold: float = 0.5) -> tuple[bool, float, str]:
+    """:func:`local_judge` against every accepted answer (the gold one, then its aliases): correct when
+    one accepts, with the best token F1 over them (SQuAD's max over references)."""
+    verdicts = [local_judge(pred, gold, f1_threshold) for gold in answers]
+    best_f1 = max(v[1] for v in verdicts)
+    hit = next((v for v in verdicts if v[0]), None)
+    return (True, best_f1, hit[2]) if hit else (False, best_f1, "none")
+
+
 # --------------------------------------------------------------------------------------------------
 # generation
 
@@ -142,22 +152,27 @@ def answer_questions(
     return generate_greedy(model, tokenizer, prompts, max_new_tokens, batch_size, progress, desc="open-qa")
 
 
+def reference_text(q: OpenQuestion) -> str:
+    """The reference answer as the LLM judge reads it: the gold answer and any aliases."""
+    return q.a + (f" (also accepted: {'; '.join(q.aliases)})" if q.aliases else "")
+
+
 def judge_answers(
     questions: Sequence[OpenQuestion], answers: Sequence[str], judge: str = "local", f1_threshold: float = 0.5,
     client: Any = None, threads: int = 8, attempts: Sequence[str] | None = None,
 ) -> OpenResult:
     """Score extracted answers with the local judge or an :class:`~ember.evals.llm_judge.ChatClient`
     (which reads ``attempts``, the whole answers, when given)."""
-    f1s = [token_f1(a, q.a) for q, a in zip(questions, answers, strict=True)]
+    local = [judge_against_answers(a, q.answers, f1_threshold) for q, a in zip(questions, answers, strict=True)]
+    f1s = [v[1] for v in local]
     if judge == "local":
-        verdicts = [local_judge(a, q.a, f1_threshold) for q, a in zip(questions, answers, strict=True)]
-        oks, notes = [v[0] for v in verdicts], [v[2] for v in verdicts]
+        oks, notes = [v[0] for v in local], [v[2] for v in local]
     elif judge == "llm":
         from ember.evals.llm_judge import judge_open_answer, parallel_map
 
         if client is None:
             raise ValueError("open_judge='llm' needs a ChatClient")
-        res = parallel_map(lambda qa: judge_open_answer(client, qa[0].q, qa[0].a, qa[1]),
+        res = parallel_map(lambda qa: judge_open_answer(client, qa[0].q, reference_text(qa[0]), qa[1]),
                            list(zip(questions, attempts if attempts is not None else answers, strict=True)), threads)
         oks, notes = [r[0] for r in res], [r[1] for r in res]
     else:
