@@ -70,6 +70,40 @@ def config_summary(cfg: DictConfig) -> str:
 # --------------------------------------------------------------------------------------------------
 
 
+#: the config sections each stage's result depends on, its upstream stages' included
+_ERASED = ("model", "data", "seed", "ember", "method", "eval")
+STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
+    "baseline": ("model", "data", "eval"),
+    "features": ("model", "data", "seed", "ember"),
+    "erase": _ERASED,
+    "evaluate": _ERASED,
+    "attacks": (*_ERASED, "attacks"),
+    "relearn": (*_ERASED, "relearn"),
+}
+#: keys inside those sections that say where data lives or how work is batched, not what a stage computes
+#: (the data's content has its own fingerprint)
+NON_RESULT_KEYS: dict[str, tuple[str, ...]] = {
+    "data": ("release_dir", "starter_dir"),
+    "eval": ("batch_size", "letter_batch_size", "llm_threads", "llm_timeout_s", "llm_api_key_env"),
+}
+
+
+def stage_settings_key(cfg: DictConfig, stage: str) -> str:
+    """A hash of the resolved settings ``stage`` depends on (``STAGE_SECTIONS``): a stage record holds it,
+    so a relaunch after a settings change (an edited YAML default: the job directory is named by the
+    overrides only) recomputes the stage instead of reusing it."""
+    from ember.evals.baseline import settings_hash
+
+    parts: dict[str, Any] = {}
+    for section in STAGE_SECTIONS[stage]:
+        value = cfg.get(section)
+        value = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
+        if isinstance(value, dict):
+            value = {k: v for k, v in value.items() if k not in NON_RESULT_KEYS.get(section, ())}
+        parts[section] = value
+    return settings_hash(parts)
+
+
 class ConceptRun:
     """The stages for one concept within a job."""
 
@@ -95,13 +129,20 @@ class ConceptRun:
         """The concept data's fingerprint (stage records and cache keys hold it), computed once."""
         return self.concept.fingerprint()
 
+    @cached_property
+    def settings_keys(self) -> dict[str, str]:
+        """Each stage's :func:`stage_settings_key`, taken once before any stage runs."""
+        return {stage: stage_settings_key(self.cfg, stage) for stage in STAGE_SECTIONS}
+
     def _done(self, stage: str) -> bool:
-        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.data_key)
+        return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.data_key,
+                                                                  self.settings_keys[stage])
 
     def _finish(self, stage: str, result: dict[str, Any], t0: float, status: str = "complete") -> dict[str, Any]:
         result = {**result, "seconds": round(time.perf_counter() - t0, 3)}
         self.timings[stage] = result["seconds"]
-        self.files.write_stage(self.slug, stage, result, status, data=self.data_key)
+        self.files.write_stage(self.slug, stage, result, status, data=self.data_key,
+                               settings=self.settings_keys[stage])
         metrics = result.get("metrics") or {}
         self.logger.summary(f"{self.slug}/{stage}", metrics)
         log.info("[%s] %s %s in %.1fs", self.concept.name, stage, status, result["seconds"])
@@ -769,4 +810,4 @@ def stages_wanted(cfg: DictConfig) -> list[str]:
 
 def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData) -> bool:
     fp = concept.fingerprint()
-    return all(files.stage_done(concept.slug, s, fp) for s in stages_wanted(cfg))
+    return all(files.stage_done(concept.slug, s, fp, stage_settings_key(cfg, s)) for s in stages_wanted(cfg))

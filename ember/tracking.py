@@ -87,9 +87,10 @@ class JobFiles:
         for p in self.partial_path(concept_slug, prefix).parent.glob(f"{prefix}*.json"):
             p.unlink(missing_ok=True)
 
-    def stage_done(self, concept_slug: str, stage: str, data: str | None = None) -> bool:
-        """The stage finished (complete, skipped or failed) on this data: a record written from other
-        concept data (``data``: the concept's fingerprint, stored by :meth:`write_stage`) is stale."""
+    def stage_done(self, concept_slug: str, stage: str, data: str | None = None, settings: str | None = None) -> bool:
+        """The stage finished (complete, skipped or failed) on this data and these settings: a record
+        written from other concept data (``data``: the concept's fingerprint) or other settings
+        (``settings``: ``pipeline.stage_settings_key``), both stored by :meth:`write_stage`, is stale."""
         p = self.stage_path(concept_slug, stage)
         if not p.exists():
             return False
@@ -99,6 +100,10 @@ class JobFiles:
             return False
         if data is not None and rec.get("data", data) != data:  # records without one predate the check
             log.warning("%s: the concept's data changed since this stage ran: recomputing it", p)
+            return False
+        if settings is not None and rec.get("settings", settings) != settings:
+            log.warning("%s: the settings this stage depends on changed since it ran (an edited config "
+                        "default?): recomputing it", p)
             return False
         return rec.get("status") in ("complete", "skipped", "failed")
 
@@ -110,7 +115,7 @@ class JobFiles:
             return None
 
     def write_stage(self, concept_slug: str, stage: str, result: dict[str, Any], status: str = "complete",
-                    data: str | None = None) -> None:
+                    data: str | None = None, settings: str | None = None) -> None:
         # The stage status is the pipeline's. A result's own "status" (the relearning result carries
         # "ok"/"diverged") must not replace it: it did, so relearn.json never read as finished and
         # every rerun redid the relearning. It is kept as "result_status".
@@ -119,6 +124,8 @@ class JobFiles:
             rec["result_status"] = result["status"]
         if data is not None:
             rec["data"] = data
+        if settings is not None:
+            rec["settings"] = settings
         atomic_write_json(self.stage_path(concept_slug, stage), rec)
 
     def write_table(self, concept_slug: str, name: str, rows: list[dict[str, Any]]) -> Path:

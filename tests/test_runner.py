@@ -415,6 +415,34 @@ def test_a_finished_stage_is_recomputed_when_the_concept_data_changed(tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_a_finished_stage_is_recomputed_when_its_settings_changed(tmp_path):
+    """An edited YAML default relaunches into the same job directory (it is named by the overrides; a
+    fixed hydra.run.dir stands in for that here): each stage record holds a hash of the settings it
+    depends on, so a changed method setting recomputes the erase stage and those after it, not the
+    baseline, and a setting that changes no result (eval.batch_size) reuses everything."""
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    args = ["ember=off", "method=ga_fast", "stages=[baseline,erase,evaluate]", f"hydra.run.dir={job}"]
+    jobs.run_ember(args, cache)
+    (concept,) = jobs.concept_dirs(job)
+
+    def records() -> dict[str, dict]:
+        return {s: jobs.read_json(concept / f"{s}.json") for s in ("baseline", "erase", "evaluate")}
+
+    first = records()
+    same = jobs.run_ember([*args, "eval.batch_size=4"], cache)
+    assert "every stage of every concept is complete" in same.stdout + same.stderr
+    assert records() == first
+    edited = jobs.run_ember([*args, "method.params.lr=0.001"], cache)  # as an edited conf/method/ga.yaml would
+    assert "the settings this stage depends on changed since it ran" in edited.stdout + edited.stderr
+    second = records()
+    assert second["baseline"] == first["baseline"]  # depends on model, data and eval only: reused
+    for stage in ("erase", "evaluate"):
+        assert second[stage]["settings"] != first[stage]["settings"], stage
+    assert second["erase"]["method"]["params"]["lr"] == 0.001
+
+
+@pytest.mark.timeout(300)
 def test_a_relaunch_of_a_finished_job_repairs_its_files_and_fills_wandb(tmp_path):
     """A job killed after its last stage (no results.json), a FAILED.txt left by an earlier failed launch, and
     a job first run without a logger: relaunching it rewrites results.json, drops the stale FAILED.txt (the
