@@ -248,31 +248,154 @@ def bench_delta(opts: BenchOptions) -> list[Row]:
     ]
 
 
+TRAIN_STEPS = 3
+
+
+def bare_ga_loop(model, tok, method, texts: list[str], seed: int, n_layers: int) -> None:
+    """GA's steps in a bare PyTorch loop: the method's batches and trained tensors, transformers' own
+    ``labels=`` loss, AdamW; no loss guard, master weights, progress bar or report."""
+    from ember.methods import MethodContext
+    from ember.methods.training import trainable
+
+    ctx = MethodContext(model=model, tokenizer=tok, facts=None, forget_texts=texts, retain_texts=[], concept="")
+    batches = method.batches(ctx, texts, seed, "forget")
+    named = method.trainable_params(model, n_layers)
+    with trainable(named):
+        opt = torch.optim.AdamW([p for _, p in named], lr=method.params["lr"], weight_decay=0.0)
+        for i in range(method.params["steps"]):
+            b = batches[i % len(batches)]
+            loss = -model(input_ids=b.input_ids, attention_mask=b.attention_mask, labels=b.labels).loss
+            opt.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in named], method.params["max_grad_norm"])
+            opt.step()
+
+
+def reference_rmu(model, tok, method, forget: list[str], retain: list[str], seed: int, facts) -> None:
+    """RMU as the reference runs it (reference-spec 4.2, WMDP's ``run_rmu``): a second whole model as the
+    frozen one (the reference reloads it from disk for every cell; a copy in memory is cheaper), every
+    forward pass through all layers with a hook reading the hooked layer, MSE over every position."""
+    from ember.methods.rmu import control_vector, masked_mse
+    from ember.methods.training import layer_output, make_batches, named_in_layers, seeded_shuffle, trainable
+
+    p = method.params
+    frozen = copy.deepcopy(model)
+    layer, ids = method.resolve_layers(facts.n_layers)
+    named = named_in_layers(model, ids, p["param_names"], "param_names")
+    fb = make_batches(tok, seeded_shuffle(forget, seed), p["batch_size"], p["max_length"], torch.device("cpu"))
+    rb = make_batches(tok, seeded_shuffle(retain, seed + 1), p["batch_size"], p["max_length"], torch.device("cpu"))
+    target = p["steering_coeff"] * control_vector(facts.d_model, seed)
+    with trainable(named):
+        opt = torch.optim.AdamW([t for _, t in named], lr=p["lr"], eps=p["adam_eps"], weight_decay=0.0)
+        for i in range(p["steps"]):
+            f, r = fb[i % len(fb)], rb[i % len(rb)]
+            h_f = layer_output(model, layer, f, stop=False)
+            h_r = layer_output(model, layer, r, stop=False)
+            with torch.no_grad():
+                h_r0 = layer_output(frozen, layer, r, stop=False)
+            loss = masked_mse(h_f, target.expand_as(h_f), None) + p["alpha"] * masked_mse(h_r, h_r0, None)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+
+def reference_relearn(model, tok, concept, n_paragraphs: int, max_length: int = 256) -> None:
+    """One relearning epoch as the reference runs it (reference-spec 6): each paragraph padded on the left
+    to ``max_length`` with EOS, labels -100 at padding, every parameter trained, AdamW (lr 1e-5, weight
+    decay 0.01), batch 1, no clipping; concept and similar-domain accuracy by letter generation, one
+    question at a time, before and after (the project's relearning evaluates at the same two points)."""
+    from ember.attacks.relearn import relearn_paragraphs
+    from ember.evals.mc import score_letter
+
+    def evaluate() -> None:
+        for split in ("QA_test", "SimdomQA_test"):
+            score_letter(model, tok, concept.mc[split], use_chat=True, batch_size=1)
+
+    evaluate()
+    model.requires_grad_(True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.01)
+    pad = tok.eos_token_id
+    for text in relearn_paragraphs(concept, n_paragraphs):
+        ids = tok(text, truncation=True, max_length=max_length)["input_ids"]
+        n_pad = max_length - len(ids)
+        input_ids = torch.tensor([[pad] * n_pad + ids])
+        mask = torch.tensor([[0] * n_pad + [1] * len(ids)])
+        loss = model(input_ids=input_ids, attention_mask=mask,
+                     labels=input_ids.masked_fill(input_ids == pad, -100)).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    model.requires_grad_(False)
+    model.eval()
+    evaluate()
+
+
+def timed_on_copies(lm, fn: Callable[[torch.nn.Module], object], repeats: int) -> tuple[float, object]:
+    """Median time of ``fn`` on fresh copies of the model (each copy made outside the timing)."""
+    times, out = [], None
+    for _ in range(repeats):
+        model = copy.deepcopy(lm.model)
+        t = time.perf_counter()
+        out = fn(model)
+        times.append(time.perf_counter() - t)
+        del model
+        gc.collect()
+    return statistics.median(times), out
+
+
 def bench_training(opts: BenchOptions) -> list[Row]:
+    from ember.attacks.base import AttackContext
     from ember.attacks.relearn import run_relearn
+    from ember.evals.mc import score_letter
     from ember.methods import MethodContext, get_method
 
     lm = smollm2()
     store = ConceptStore(STARTER_DIR)
     hp = store.concept("Harry Potter")
+    sec = "training (SmolLM2)"
+    params = {"steps": TRAIN_STEPS}
     rows = []
-    for name, params in (("ga", {"steps": 3}), ("rmu", {"steps": 3})):
-        model = copy.deepcopy(lm.model)
-        ctx = MethodContext(model=model, tokenizer=lm.tokenizer, facts=lm.facts, forget_texts=hp.sentences,
-                            retain_texts=store.neutral, concept=hp.name)
-        t0 = time.perf_counter()
-        rep = get_method(name, params).apply(ctx)
-        t = (time.perf_counter() - t0) / max(1, rep.steps)
-        rows.append(Row("training (SmolLM2)", f"{name}: (set-up + {rep.steps} optimizer steps) / {rep.steps}", t, "s",
-                        note=f"method defaults (conf/method/{name}.yaml) with steps={params['steps']}"))
-        del model
-    from tests.conftest import compose
 
-    rcfg = compose(["relearn=full", "relearn.epochs=1", "relearn.max_paragraphs=10"]).relearn
-    t0 = time.perf_counter()
-    run_relearn(lm.model, lm.tokenizer, hp, rcfg, seed=42, template="Question: {q}\nAnswer:", batch_size=16)
-    rows.append(Row("training (SmolLM2)", "relearning: one epoch on 10 paragraphs + evaluations before and after",
-                    time.perf_counter() - t0, "s", note="full fine-tuning, batch 1, max length 256"))
+    def project(name: str) -> Callable[[torch.nn.Module], object]:
+        return lambda model: get_method(name, params).apply(MethodContext(
+            model=model, tokenizer=lm.tokenizer, facts=lm.facts, forget_texts=hp.sentences,
+            retain_texts=store.neutral, concept=hp.name))
+
+    ga = get_method("ga", params)
+    rmu = get_method("rmu", params)
+    pairs = [
+        ("ga", "a bare PyTorch loop (same batches and tensors, transformers' labels loss)",
+         lambda model: bare_ga_loop(model, lm.tokenizer, ga, hp.sentences, 42, lm.facts.n_layers)),
+        ("rmu", "the reference's RMU (a second whole model, full forward passes)",
+         lambda model: reference_rmu(model, lm.tokenizer, rmu, hp.sentences, store.neutral, 42, lm.facts)),
+    ]
+    for name, what, baseline in pairs:
+        project(name)(copy.deepcopy(lm.model))  # warm-up, untimed
+        t_base, _ = timed_on_copies(lm, baseline, opts.repeats)
+        t_proj, rep = timed_on_copies(lm, project(name), opts.repeats)
+        rows.append(Row(sec, f"{name}: {what}: (set-up + {TRAIN_STEPS} steps) / {TRAIN_STEPS}", t_base / TRAIN_STEPS,
+                        "s", runs=opts.repeats))
+        rows.append(Row(sec, f"{name}: the project's method (default): (set-up + {rep.steps} steps) / {rep.steps}",
+                        t_proj / TRAIN_STEPS, "s", baseline=t_base / TRAIN_STEPS, runs=opts.repeats,
+                        note=f"conf/method/{name}.yaml with steps={TRAIN_STEPS}"))
+
+    n_par = 10
+    rcfg = {"name": "full", "epochs": 1, "max_paragraphs": n_par}
+    ctx = AttackContext(template="Question: {q}\nAnswer:", batch_size=16, max_questions=None)
+    t_ref, _ = timed_on_copies(lm, lambda model: reference_relearn(model, lm.tokenizer, hp, n_par), 1)
+    t_proj, res = timed_on_copies(lm, lambda model: run_relearn(model, lm.tokenizer, hp, rcfg, ctx), 1)
+    letter = AttackContext(mc_scorer=lambda m, t, qs: score_letter(m, t, qs, use_chat=True, batch_size=1))
+    t_mid, _ = timed_on_copies(lm, lambda model: run_relearn(model, lm.tokenizer, hp, rcfg, letter), 1)
+    what = f"one epoch on {n_par} paragraphs, concept and similar-domain accuracy before and after"
+    rows += [
+        Row(sec, f"relearning, the reference's way: {what}", t_ref, "s",
+            note="padded to 256 tokens, every parameter, letter generation one question at a time"),
+        Row(sec, "relearning, the project's training with letter-generation scoring", t_mid, "s", baseline=t_ref,
+            note="unpadded paragraphs, gradient clipping; the same scorer as the baseline"),
+        Row(sec, "relearning, the project's (default)", t_proj, "s", baseline=t_ref,
+            note=f"unpadded, log-likelihood scoring; {res.extra['n_tokens']} tokens in {n_par} paragraphs; "
+                 f"accuracy {res.extra['accuracy_before']:.3f} -> {res.accuracy:.3f}"),
+    ]
     return rows
 
 

@@ -100,3 +100,38 @@ def test_paper_scale_section_runs_end_to_end_on_small_shapes(monkeypatch: pytest
         assert all(r.value > 0 for r in got)
     mc = [r for r in rows if r.name.startswith("MC, log-likelihood")]
     assert len(mc) == 1 and mc[0].baseline is not None and mc[0].section.startswith("paper scale: gemma2_2b_shape")
+
+
+def test_training_baselines_train_what_they_say(tiny) -> None:
+    """The training rows' baselines do the work their names claim: the bare GA loop updates the
+    method's tensors, the reference RMU only the down-projections of its layers, the reference
+    relearning every parameter, embeddings included."""
+    import copy
+
+    import torch
+
+    from ember.data import ConceptStore
+    from ember.methods import get_method
+    from ember.paths import STARTER_DIR
+
+    bench = _bench()
+    store = ConceptStore(STARTER_DIR)
+    hp = store.concept("Harry Potter")
+    tok = tiny.tokenizer
+
+    def changed(run) -> set[str]:
+        model = copy.deepcopy(tiny.model)
+        before = {n: p.detach().clone() for n, p in model.named_parameters()}
+        run(model)
+        return {n for n, p in model.named_parameters() if not torch.equal(p, before[n])}
+
+    ga = get_method("ga", {"steps": 2, "batch_size": 4, "max_length": 32, "lr": 1e-2})
+    got = changed(lambda m: bench.bare_ga_loop(m, tok, ga, hp.sentences[:8], 42, tiny.facts.n_layers))
+    assert got == {n for n, _ in ga.trainable_params(tiny.model, tiny.facts.n_layers)}
+    rmu = get_method("rmu", {"steps": 2, "batch_size": 4, "max_length": 32, "layer": 1, "lr": 1e-2})
+    got = changed(lambda m: bench.reference_rmu(m, tok, rmu, hp.sentences[:8], store.neutral[:8], 42, tiny.facts))
+    assert got == {"model.layers.0.mlp.down_proj.weight", "model.layers.1.mlp.down_proj.weight"}
+    short = copy.copy(hp)
+    short.mc = {k: v[:2] for k, v in hp.mc.items()}
+    got = changed(lambda m: bench.reference_relearn(m, tok, short, n_paragraphs=2, max_length=64))
+    assert "model.embed_tokens.weight" in got and len(got) == len(list(tiny.model.parameters()))
