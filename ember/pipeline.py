@@ -88,20 +88,21 @@ NON_RESULT_KEYS: dict[str, tuple[str, ...]] = {
 }
 
 
-def stage_settings_key(cfg: DictConfig, stage: str) -> str:
-    """A hash of the resolved settings ``stage`` depends on (``STAGE_SECTIONS``): a stage record holds it,
-    so a relaunch after a settings change (an edited YAML default: the job directory is named by the
+def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
+    """Per stage, a hash of the resolved settings it depends on (``STAGE_SECTIONS``): a stage record holds
+    it, so a relaunch after a settings change (an edited YAML default: the job directory is named by the
     overrides only) recomputes the stage instead of reusing it."""
     from ember.evals.baseline import settings_hash
 
-    parts: dict[str, Any] = {}
-    for section in STAGE_SECTIONS[stage]:
-        value = cfg.get(section)
+    def section(name: str) -> Any:
+        value = cfg.get(name)
         value = OmegaConf.to_container(value, resolve=True) if isinstance(value, DictConfig) else value
         if isinstance(value, dict):
-            value = {k: v for k, v in value.items() if k not in NON_RESULT_KEYS.get(section, ())}
-        parts[section] = value
-    return settings_hash(parts)
+            value = {k: v for k, v in value.items() if k not in NON_RESULT_KEYS.get(name, ())}
+        return value
+
+    resolved = {name: section(name) for names in STAGE_SECTIONS.values() for name in names}
+    return {stage: settings_hash({name: resolved[name] for name in names}) for stage, names in STAGE_SECTIONS.items()}
 
 
 class ConceptRun:
@@ -131,8 +132,8 @@ class ConceptRun:
 
     @cached_property
     def settings_keys(self) -> dict[str, str]:
-        """Each stage's :func:`stage_settings_key`, taken once before any stage runs."""
-        return {stage: stage_settings_key(self.cfg, stage) for stage in STAGE_SECTIONS}
+        """:func:`stage_settings_keys`, taken once before any stage runs."""
+        return stage_settings_keys(self.cfg)
 
     def _done(self, stage: str) -> bool:
         return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.data_key,
@@ -809,5 +810,5 @@ def stages_wanted(cfg: DictConfig) -> list[str]:
 
 
 def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData) -> bool:
-    fp = concept.fingerprint()
-    return all(files.stage_done(concept.slug, s, fp, stage_settings_key(cfg, s)) for s in stages_wanted(cfg))
+    fp, keys = concept.fingerprint(), stage_settings_keys(cfg)
+    return all(files.stage_done(concept.slug, s, fp, keys[s]) for s in stages_wanted(cfg))

@@ -90,7 +90,7 @@ class JobFiles:
     def stage_done(self, concept_slug: str, stage: str, data: str | None = None, settings: str | None = None) -> bool:
         """The stage finished (complete, skipped or failed) on this data and these settings: a record
         written from other concept data (``data``: the concept's fingerprint) or other settings
-        (``settings``: ``pipeline.stage_settings_key``), both stored by :meth:`write_stage`, is stale."""
+        (``settings``: ``pipeline.stage_settings_keys``), both stored by :meth:`write_stage`, is stale."""
         p = self.stage_path(concept_slug, stage)
         if not p.exists():
             return False
