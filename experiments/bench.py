@@ -802,16 +802,21 @@ def write_markdown(rows: list[Row], cmd: str, path: Path, seconds: float, partia
 
 
 def main() -> None:
-    started = machine()  # the load average before the benchmarks add to it
     ap = argparse.ArgumentParser()
     ap.add_argument("--only", default="")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                    help="torch's CPU threads, here and in the subprocesses it times (default: every core)")
     ap.add_argument("--out", type=Path, default=ROOT / "BENCHMARKS.md")
     ap.add_argument("--stand-in-tokenizers", type=Path, default=None,
                     help="a folder of saved tokenizers (experiments/device_bundle.py) for the paper-shaped models")
     args = ap.parse_args()
     if args.repeats < 1:
         ap.error(f"--repeats {args.repeats}: must be at least 1")
+    if args.threads < 1:
+        ap.error(f"--threads {args.threads}: must be at least 1")
+    fix_threads(args.threads)
+    started = machine()  # the load average before the benchmarks add to it
     opts = BenchOptions(repeats=args.repeats, stand_in_tokenizers=args.stand_in_tokenizers)
     default = [n for n in BENCHES if n not in GPU_ONLY or torch.cuda.is_available()]
     names = [n for n in (args.only.split(",") if args.only else default) if n]
@@ -830,6 +835,14 @@ def main() -> None:
     write_markdown(rows, command_line(sys.argv[1:]), args.out, time.perf_counter() - t0, partial=bool(args.only),
                    machine_line=started)
     print(f"wrote {args.out}")
+
+
+def fix_threads(n: int) -> None:
+    """Pin torch's CPU thread count, in this process and (through OMP_NUM_THREADS and MKL_NUM_THREADS) in
+    the ``python -m ember`` subprocesses the end-to-end figures time, so that two runs compare."""
+    torch.set_num_threads(n)
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        os.environ[var] = str(n)
 
 
 def command_line(argv: list[str]) -> str:

@@ -39,6 +39,22 @@ def test_ratio_direction() -> None:
     assert bench.Row("x", "t", 2.0, "s").ratio is None
 
 
+def test_thread_count_is_pinned_here_and_for_the_timed_subprocesses(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    bench = _bench()
+    before = torch.get_num_threads()
+    for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+        monkeypatch.setenv(var, "7")  # records the old value (or its absence), which teardown restores
+    try:
+        bench.fix_threads(1)
+        assert torch.get_num_threads() == 1
+        assert bench.os.environ["OMP_NUM_THREADS"] == "1" and bench.os.environ["MKL_NUM_THREADS"] == "1"
+        assert "torch threads 1;" in bench.machine()
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_partial_run_replaces_only_its_sections(tmp_path: Path) -> None:
     bench = _bench()
     out = tmp_path / "BENCHMARKS.md"
