@@ -1,7 +1,9 @@
 """EMBER selection study: efficacy vs specificity of EMBER alone on the packaged models.
 
 One command (resumable; every measured point is appended to ``outputs/study/points.jsonl`` and
-skipped when it is already there)::
+skipped when it is already there, measured on the same data: each point carries the tag of the data it
+read, and a point whose concept data, backgrounds, control facts or held-out text changed since is
+measured again and left out of the report)::
 
     OMP_NUM_THREADS=1 .venv/bin/python experiments/selection_study.py            # both models
     OMP_NUM_THREADS=1 .venv/bin/python experiments/selection_study.py --model smollm2_135m --quick
@@ -257,6 +259,13 @@ class ConceptRef:
         other = self.release if self.source == "starter" else self.starter
         return other.neutral[:PPL_N]
 
+    def data_tag(self) -> str:
+        """A digest of every text a point of this concept reads: the concept (questions, sentences, key
+        terms), each background a setting may use, the control facts and the held-out text."""
+        parts = [self.data.fingerprint(), self.key_terms, self.store.neutral, self.store.all_sentences_except(self.name),
+                 self.starter.general_text, list(self.starter.control_facts), self.ppl_texts()]
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:12]
+
 
 def concept_ref(source: str, name: str, starter: ConceptStore, release: ConceptStore) -> ConceptRef:
     store = starter if source == "starter" else release
@@ -426,6 +435,9 @@ def derive(s: dict[str, float], b: dict[str, float]) -> dict[str, float]:
 
 
 class Points:
+    """The measured points, appended one JSON line each. A point counts for the data it was measured on
+    (its ``data`` tag, :meth:`ConceptRef.data_tag`); a key measured again on new data keeps its newest row."""
+
     def __init__(self, path: Path):
         self.path = path
         self.rows: list[dict[str, Any]] = []
@@ -433,22 +445,38 @@ class Points:
             for line in path.read_text().splitlines():
                 if line.strip():
                     self.rows.append(json.loads(line))
-        self.keys = {r["key"] for r in self.rows}
+        self.latest = {r["key"]: r for r in self.rows}
         self.by_sig = {r["edit_sig"]: r for r in self.rows if r.get("edit_sig")}
+
+    def done(self, key: str, tag: str) -> bool:
+        """Whether ``key`` was measured on the data tagged ``tag``."""
+        row = self.latest.get(key)
+        return row is not None and row.get("data") == tag
 
     def add(self, row: dict[str, Any]) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         with self.path.open("a") as fh:
             fh.write(json.dumps(row) + "\n")
         self.rows.append(row)
-        self.keys.add(row["key"])
+        self.latest[row["key"]] = row
         if row.get("edit_sig"):
             self.by_sig.setdefault(row["edit_sig"], row)
 
 
-def plan_signature(model: str, concept: str, ids: torch.Tensor, direction: torch.Tensor, delta: float) -> str:
+def current_rows(rows: list[dict[str, Any]], tags: dict[str, str]) -> list[dict[str, Any]]:
+    """The newest row of each key whose data tag is its concept's tag now (``tags``: concept label ->
+    tag); rows measured on other data, or before points carried a tag, are left out with a warning."""
+    latest = {r["key"]: r for r in rows}
+    kept = [r for r in latest.values() if r.get("data") is not None and r.get("data") == tags.get(r.get("concept"))]
+    if len(kept) < len(latest):
+        log.warning("report: %d of %d points were measured on other data than the current and are left out; "
+                    "run the study again to measure them", len(latest) - len(kept), len(latest))
+    return kept
+
+
+def plan_signature(model: str, concept: str, tag: str, ids: torch.Tensor, direction: torch.Tensor, delta: float) -> str:
     h = hashlib.sha1()
-    h.update(f"{model}|{concept}|{delta:g}|".encode())
+    h.update(f"{model}|{concept}|{tag}|{delta:g}|".encode())
     h.update(ids.numpy().tobytes())
     h.update(direction.float().contiguous().numpy().round(5).tobytes())
     return h.hexdigest()[:16]
@@ -478,25 +506,27 @@ def run_model(model_name: str, concepts: list[tuple[str, str]], quick: bool, poi
     W = lm.model.get_input_embeddings().weight
     mean_row = W.detach().float().mean(0)
     plans_path = OUT / "plans.jsonl"
-    done_plans = set()
+    done_plans: set[tuple[str, str | None]] = set()
     if plans_path.exists():
-        done_plans = {json.loads(x)["key"] for x in plans_path.read_text().splitlines() if x.strip()}
+        rows = [json.loads(x) for x in plans_path.read_text().splitlines() if x.strip()]
+        done_plans = {(r["key"], r.get("data")) for r in rows}
 
     for source, name in concepts:
         ref = concept_ref(source, name, starter, release)
+        tag = ref.data_tag()
         ev = Evaluator(lm.model, tok)
         splits = {"QA_train": ref.data.mc["QA_train"], "QA_test": ref.data.mc["QA_test"],
                   "SimdomQA_test": ref.data.mc["SimdomQA_test"], "control": list(starter.control_facts)}
-        ev.setup(splits, ref.ppl_texts(), OUT / "base" / model_name / f"{source}_{ref.data.slug}.json")
+        ev.setup(splits, ref.ppl_texts(), OUT / "base" / model_name / f"{source}_{ref.data.slug}_{tag}.json")
         base = ev.base_scores()
         log.info("[%s %s] base %s", model_name, ref.label, {k: round(v, 3) for k, v in base.items()})
 
         def measure(key: str, meta: dict[str, Any], plan: EditPlan, delta: float,
-                    ref: ConceptRef = ref, base: dict[str, float] = base, ev: Evaluator = ev) -> None:
-            if key in points.keys:
+                    ref: ConceptRef = ref, base: dict[str, float] = base, ev: Evaluator = ev, tag: str = tag) -> None:
+            if points.done(key, tag):
                 return
-            sig = plan_signature(model_name, ref.label, plan.token_ids, plan.direction, delta) if len(plan) else ""
-            row = {"key": key, "model": model_name, "concept": ref.label, **meta, "delta": delta,
+            sig = plan_signature(model_name, ref.label, tag, plan.token_ids, plan.direction, delta) if len(plan) else ""
+            row = {"key": key, "model": model_name, "concept": ref.label, "data": tag, **meta, "delta": delta,
                    "n_tokens": len(plan), "n_features": len(plan.features), "edit_sig": sig, "base": base}
             if len(plan) == 0:
                 row.update({"scores": base, "note": "empty edit", "seconds": 0.0})
@@ -527,33 +557,33 @@ def run_model(model_name: str, concepts: list[tuple[str, str]], quick: bool, poi
             measure(f"{model_name}|{ref.label}|{method}", {"method": method, "factor": "naive", "level": method},
                     plan, 1.0)
         pkey = f"{model_name}|{ref.label}|naive_tokens"
-        if pkey not in done_plans:
-            _append(plans_path, {"key": pkey, "model": model_name, "concept": ref.label, "setting": "naive",
-                                 "tokens": [tok.decode([i]) for i in kids]})
-            done_plans.add(pkey)
+        if (pkey, tag) not in done_plans:
+            _append(plans_path, {"key": pkey, "model": model_name, "concept": ref.label, "data": tag,
+                                 "setting": "naive", "tokens": [tok.decode([i]) for i in kids]})
+            done_plans.add((pkey, tag))
 
         tier = tier_of(model_name, ref.label, quick)
         for st in settings_for(model_name, tier):
-            todo = [d for d in deltas_for(st, tier) if f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}" not in points.keys]
+            todo = [d for d in deltas_for(st, tier) if not points.done(f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}", tag)]
             pkey = f"{model_name}|{ref.label}|{st.sid}"
-            if not todo and pkey in done_plans:
+            if not todo and (pkey, tag) in done_plans:
                 continue
             plan, info = build_plan(lm, ref, st, cache)
-            if pkey not in done_plans:
-                _append(plans_path, {"key": pkey, "model": model_name, "concept": ref.label, "setting": st.sid,
-                                     "factor": st.factor, "level": st.level, **info})
-                done_plans.add(pkey)
+            if (pkey, tag) not in done_plans:
+                _append(plans_path, {"key": pkey, "model": model_name, "concept": ref.label, "data": tag,
+                                     "setting": st.sid, "factor": st.factor, "level": st.level, **info})
+                done_plans.add((pkey, tag))
             stopped = False
             for d in deltas_for(st, tier):
                 key = f"{model_name}|{ref.label}|ember|{st.sid}|{d:g}"
                 meta = {"method": "ember", "factor": st.factor, "level": st.level, "setting": st.sid}
                 if stopped:
-                    if key not in points.keys:
-                        points.add({"key": key, "model": model_name, "concept": ref.label, **meta, "delta": d,
-                                    "skipped": f"specificity < {STOP_SPECIFICITY} at a smaller delta"})
+                    if not points.done(key, tag):
+                        points.add({"key": key, "model": model_name, "concept": ref.label, "data": tag, **meta,
+                                    "delta": d, "skipped": f"specificity < {STOP_SPECIFICITY} at a smaller delta"})
                     continue
                 measure(key, meta, plan, d)
-                row = next(r for r in reversed(points.rows) if r["key"] == key)
+                row = points.latest[key]
                 if "derived" in row and row["derived"]["specificity"] < STOP_SPECIFICITY:
                     stopped = True
 
@@ -837,7 +867,19 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_model(m, cs, args.quick, points, cache)
             log.info("%s done in %.1fs", m, time.perf_counter() - t0)
     if not args.no_report:
-        write_report(points.rows, DOCS)
+        write_report(current_rows(points.rows, data_tags({r["concept"] for r in points.rows if "concept" in r})), DOCS)
+
+
+def data_tags(labels: set[str]) -> dict[str, str]:
+    """Each concept label's data tag as the data stands now (labels whose concept is gone get none)."""
+    starter = ConceptStore(STARTER, label="the starter set")
+    release = ConceptStore(RELEASE, label="release")
+    out = {}
+    for label in labels:
+        source, name = label.split(":", 1)
+        if name in (starter if source == "starter" else release).concept_names:
+            out[label] = concept_ref(source, name, starter, release).data_tag()
+    return out
 
 
 if __name__ == "__main__":
