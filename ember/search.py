@@ -78,7 +78,8 @@ def search(
         if cid in done:
             continue
         m = score_cell(params, coherence_first)
-        gate = passes_gates(m, retention_keys, (), retention_gate, 0.0, skip)
+        # a cell whose training diverged has no retention terms to fail: it must not pass the gate by that
+        gate = _trained(m) and passes_gates(m, retention_keys, (), retention_gate, 0.0, skip)
         rec = {"cell": cid, "context": context, "params": params, "gate_pass": gate,
                "score": _finite(m.get("harmonic")) if gate else 0.0,
                "with_coherence": coherence_first,
@@ -88,8 +89,9 @@ def search(
         log.info("grid cell %d/%d %s: harmonic %.3f%s", i + 1, len(cells), params, _finite(m.get("harmonic")),
                  "" if gate else " (fails the retention gate)")
     recs = [done[cell_id(p)] for p in cells]
-    passing = [r for r in recs if r["gate_pass"]]
-    pool = passing or sorted(recs, key=lambda r: -_finite(r.get("harmonic")))[:1]
+    passing = [r for r in recs if r["gate_pass"] and _trained(r)]  # records written before the check above
+    # no cell passes: the best trained one, flagged gate_pass false (a diverged one only when all diverged)
+    pool = passing or sorted([r for r in recs if _trained(r)] or recs, key=lambda r: -_finite(r.get("harmonic")))[:1]
     top = sorted(pool, key=lambda r: -r["score"] if passing else -_finite(r.get("harmonic")))[:max(1, top_k)]
     vals = read_jsonl(val_path, context)
     for r in top:
@@ -108,6 +110,11 @@ def search(
     best = max(validated, key=ranking_value)  # harmonic_alpaca (0 when coherence collapsed), else harmonic
     return {"best_params": best["params"], "gate_pass": best["gate_pass"], "n_cells": len(cells),
             "n_passing": len(passing), "validated": [vals[r["cell"]] for r in top], "best": best}
+
+
+def _trained(metrics: dict[str, Any]) -> bool:
+    """The cell's method ran to the end (a diverged or failed one carries its status)."""
+    return metrics.get("status", "ok") == "ok"
 
 
 def method_cells(method_cfg: Any) -> list[dict[str, Any]]:

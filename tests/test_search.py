@@ -96,3 +96,21 @@ def test_validated_ties_go_to_the_smaller_parameters_whatever_the_grid_order(tmp
              1.0: {"harmonic": 0.8, "specificity": 0.95, "alpaca": 0.6}}
     res = search(expand_grid({"lr": [3.0, 1.0]}), make_scorer(table, []), RET, 0.7, 2, tmp_path)
     assert res["best_params"] == {"lr": 1.0}
+
+
+@pytest.mark.parametrize("retention_keys", [None, RET])
+def test_a_diverged_cell_never_passes_the_gate_nor_wins_the_fallback(tmp_path, retention_keys) -> None:
+    """A diverged cell has no retention terms to fail (the runner scores it harmonic 0, status diverged):
+    it once passed the gate on that absence and won whenever no trained cell passed, so the final erase
+    retrained it and diverged again."""
+    # trained, below the gate (simdom_frac: a retention term the runner's rows carry, gated when keys are None)
+    table = {1.0: {"harmonic": 0.4, "specificity": 0.5, "simdom_frac": 0.5, "alpaca": 0.4}}
+
+    def score(params: dict, with_coherence: bool) -> dict:
+        if params["lr"] == 9.0:
+            return {"harmonic": 0.0, "harmonic_alpaca": 0.0, "status": "diverged", "reason": "loss nan"}
+        return make_scorer(table, [])(params, with_coherence)
+
+    res = search(expand_grid({"lr": [1.0, 9.0]}), score, retention_keys, 0.7, 2, tmp_path)
+    assert res["n_passing"] == 0 and res["gate_pass"] is False
+    assert res["best_params"] == {"lr": 1.0}
