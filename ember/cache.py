@@ -52,10 +52,14 @@ class ArtifactCache:
     def entry_dir(self, kind: str, label: str, key: dict[str, Any]) -> Path:
         return self.root / kind / label / key_hash(key)
 
-    def _read(self, d: Path, key: dict[str, Any]) -> Any | None:
+    def _read(self, d: Path, key: dict[str, Any], repair: bool = False) -> Any | None:
+        """The entry's payload, or None. Only a reader holding the entry's lock (``repair``) may delete a
+        corrupt entry: without it, a payload with no manifest yet is another job's write in progress."""
         manifest_p, payload_p = d / "manifest.json", d / "payload.pt"
         if not manifest_p.exists() and not payload_p.exists():
             return None
+        if not repair and not manifest_p.exists():
+            return None  # written last: the entry is being built (or its builder crashed; the lock holder repairs it)
         try:
             manifest = json.loads(manifest_p.read_text())
             data = payload_p.read_bytes()
@@ -65,6 +69,8 @@ class ArtifactCache:
                 raise ValueError("checksum mismatch")
             return torch.load(io.BytesIO(data), weights_only=False)
         except Exception as exc:  # corrupt or stale: rebuild
+            if not repair:
+                return None  # possibly mid-rewrite; checked again under the lock
             log.warning("cache entry %s is corrupt or stale (%s); rebuilding", d, exc)
             shutil.rmtree(d, ignore_errors=True)
             return None
@@ -88,7 +94,7 @@ class ArtifactCache:
             self.hits += 1
             return found
         with cache_lock(d):
-            found = self._read(d, key)  # another process may have built it while we waited
+            found = self._read(d, key, repair=True)  # another process may have built it while we waited
             if found is not None:
                 self.hits += 1
                 return found

@@ -354,6 +354,24 @@ def test_artifact_cache_detects_and_rebuilds_corrupt_entries(tmp_path):
     assert detected == len(ARTIFACT_CORRUPTIONS)
 
 
+def test_a_reader_without_the_lock_leaves_an_entry_being_written_alone(tmp_path):
+    """Between the payload and the manifest of another job's write, a lock-free read once deleted the
+    directory: the writer's manifest then pointed at no payload and every waiting job rebuilt the entry."""
+    import torch
+
+    from ember.cache import ArtifactCache
+    from ember.locking import atomic_write_bytes
+
+    cache = ArtifactCache(tmp_path)
+    key = {"n": 1}
+    d = cache.entry_dir("kind", "label", key)
+    atomic_write_bytes(d / "payload.pt", b"half of a write")  # the payload is down, the manifest not yet
+    assert cache.get("kind", "label", key) is None
+    assert (d / "payload.pt").exists()
+    built = cache.get_or_build("kind", "label", key, lambda: torch.ones(2))  # the lock holder repairs it
+    assert torch.equal(built, torch.ones(2)) and torch.equal(cache.get("kind", "label", key), torch.ones(2))
+
+
 BASELINE_CORRUPTIONS = {
     "truncated JSON": lambda p: p.write_text(p.read_text()[: len(p.read_text()) // 2]),
     "empty file": lambda p: p.write_bytes(b""),
