@@ -445,6 +445,16 @@ class ConceptStore:
             self.concept(name)
         _ = (self.neutral, self.instructions, self.control_facts, self.general_text, self.heldout_text)
 
+    @cached_property
+    def shared_fingerprint(self) -> str:
+        """A digest of the texts this set shares across its concepts: every concept's sentences (other
+        concepts are a background), the neutral sentences, instructions, control facts, general and
+        held-out text. With a concept's own :meth:`ConceptData.fingerprint`, what a job's finished stages
+        are checked against: a change in any of them recomputes the stages instead of mixing numbers."""
+        parts = (self._sentences, self.neutral, self.instructions, [dataclasses.astuple(q) for q in self.control_facts],
+                 self.general_text, self.heldout_text)
+        return hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
     def all_sentences_except(self, name: str) -> list[str]:
         return [s for k, v in self._sentences.items() if k != name for s in v]
 

@@ -89,9 +89,9 @@ NON_RESULT_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
-    """Per stage, a hash of the resolved settings it depends on (``STAGE_SECTIONS``): a stage record holds
-    it, so a relaunch after a settings change (an edited YAML default: the job directory is named by the
-    overrides only) recomputes the stage instead of reusing it."""
+    """Per stage, a hash of the resolved settings it depends on (``STAGE_SECTIONS``) and of the scoring
+    code: a stage record holds it, so a relaunch after a settings change (an edited YAML default: the job
+    directory is named by the overrides only) or a scorer fix recomputes the stage instead of reusing it."""
     from ember.evals.baseline import settings_hash
 
     def section(name: str) -> Any:
@@ -101,8 +101,15 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
             value = {k: v for k, v in value.items() if k not in NON_RESULT_KEYS.get(name, ())}
         return value
 
+    from ember.evals.suite import scoring_code_version
+
     resolved = {name: section(name) for names in STAGE_SECTIONS.values() for name in names}
-    return {stage: settings_hash({name: resolved[name] for name in names}) for stage, names in STAGE_SECTIONS.items()}
+    # every stage but the factorization scores the model: a scorer fix recomputes it instead of setting
+    # new numbers beside (or dividing them by) old ones
+    code = scoring_code_version()
+    return {stage: settings_hash({**{name: resolved[name] for name in names},
+                                  **({} if stage == "features" else {"scoring_code": code})})
+            for stage, names in STAGE_SECTIONS.items()}
 
 
 class ConceptRun:
@@ -127,8 +134,8 @@ class ConceptRun:
 
     @cached_property
     def data_key(self) -> str:
-        """The concept data's fingerprint (stage records and cache keys hold it), computed once."""
-        return self.concept.fingerprint()
+        """:func:`job_data_key` (stage records and cache keys hold it), computed once."""
+        return job_data_key(self.concept, self.store, self.starter)
 
     @cached_property
     def settings_keys(self) -> dict[str, str]:
@@ -227,13 +234,26 @@ class ConceptRun:
 
     def _rebuild_plan(self) -> None:
         from ember.edit import EditPlan
-        from ember.features import compute_embedding_features
+        from ember.features import SelectionContext, compute_embedding_features, select_features
 
         rec = self.files.read_stage(self.slug, "features")
         feats = compute_embedding_features(
             self.lm.model, self.lm.tokenizer, self.lm.facts, self.concept.name, self.concept.sentences,
             self.background(), self.cfg.ember.factorization, self.cache)
-        self._feats, self._plan = feats, EditPlan.from_features(feats, rec["selected_features"])
+        plan = EditPlan.from_features(feats, rec["selected_features"])
+        # the factorization is refitted when its cache entry is gone (another machine, another device type):
+        # the recorded indices name features of the old fit, so they are checked against a fresh selection
+        report = select_features(feats, self.cfg.ember.selector,
+                                 SelectionContext(self.lm.tokenizer, self.concept.name, list(self.concept.key_terms)))
+        again = [int(k) for k in report.loc[report["selected"], "feature"]]
+        recorded_tokens = rec.get("n_edited_tokens", len(plan))
+        if again != list(rec["selected_features"]) or recorded_tokens != len(plan):
+            log.warning("[%s] the refitted factorization selects other features than features.json records "
+                        "(%s, not %s): redoing the features stage so that the record describes the edit applied",
+                        self.concept.name, again, rec["selected_features"])
+            self.features()
+            return
+        self._feats, self._plan = feats, plan
 
     def _train_eval_data(self) -> dict[str, Any]:
         """Digests of the train-split evaluation data: part of every key for a choice made by evaluating."""
@@ -369,7 +389,7 @@ class ConceptRun:
             "gate": self.cfg.method.retention_gate,
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-            "eval_data": self._train_eval_data()})
+            "eval_data": self._train_eval_data(), "data": self.data_key})  # data: the texts each cell trains on
         res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context,
                      skip=self.cfg.eval.gate_skip)
@@ -726,7 +746,7 @@ def run_job(cfg: DictConfig) -> float | None:
         log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
     # opened before the model loads: a W&B setting that cannot work (online without a key) fails in a second
     logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
-    if not cfg.overwrite and all(all_done(cfg, files, c) for c in concepts):
+    if not cfg.overwrite and all(all_done(cfg, files, c, store, starter) for c in concepts):
         log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
         results = {c.name: collect_concept(files, c.slug) for c in concepts}
         for c in concepts:
@@ -809,6 +829,15 @@ def stages_wanted(cfg: DictConfig) -> list[str]:
     return out
 
 
-def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData) -> bool:
-    fp, keys = concept.fingerprint(), stage_settings_keys(cfg)
+def job_data_key(concept: ConceptData, store: ConceptStore, starter: ConceptStore) -> str:
+    """The fingerprint of every text a concept's stages read: its own data, and what its data set and the
+    starter set share (backgrounds, neutral sentences, control facts, instructions, held-out text)."""
+    from ember.evals.baseline import settings_hash
+
+    return settings_hash({"concept": concept.fingerprint(), "set": store.shared_fingerprint,
+                          "starter": starter.shared_fingerprint})
+
+
+def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData, store: ConceptStore, starter: ConceptStore) -> bool:
+    fp, keys = job_data_key(concept, store, starter), stage_settings_keys(cfg)
     return all(files.stage_done(concept.slug, s, fp, keys[s]) for s in stages_wanted(cfg))

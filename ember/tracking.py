@@ -89,7 +89,7 @@ class JobFiles:
 
     def stage_done(self, concept_slug: str, stage: str, data: str | None = None, settings: str | None = None) -> bool:
         """The stage finished (complete, skipped or failed) on this data and these settings: a record
-        written from other concept data (``data``: the concept's fingerprint) or other settings
+        written from other data (``data``: ``pipeline.job_data_key``) or other settings
         (``settings``: ``pipeline.stage_settings_keys``), both stored by :meth:`write_stage`, is stale."""
         p = self.stage_path(concept_slug, stage)
         if not p.exists():
@@ -99,11 +99,12 @@ class JobFiles:
         except (json.JSONDecodeError, OSError):
             return False
         if data is not None and rec.get("data", data) != data:  # records without one predate the check
-            log.warning("%s: the concept's data changed since this stage ran: recomputing it", p)
+            log.warning("%s: the data this stage read changed since it ran (the concept's, or the texts its data "
+                        "set shares: backgrounds, control facts, instructions): recomputing it", p)
             return False
         if settings is not None and rec.get("settings", settings) != settings:
-            log.warning("%s: the settings this stage depends on changed since it ran (an edited config "
-                        "default?): recomputing it", p)
+            log.warning("%s: the settings or the scoring code this stage depends on changed since it ran (an "
+                        "edited config default, a scorer fix?): recomputing it", p)
             return False
         return rec.get("status") in ("complete", "skipped", "failed")
 

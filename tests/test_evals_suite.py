@@ -184,6 +184,18 @@ def test_data_settings_change_with_the_evaluation_data(tiny, store: ConceptStore
     assert "coherence" not in suite.data_settings(tiny.tokenizer, concept, store, _cfg(coherence=False), "train")
 
 
+def test_an_open_answers_aliases_are_part_of_the_evaluation_data(tiny, store: ConceptStore) -> None:
+    """An alias changes a verdict ("Padfoot" for "Sirius Black"), so a base scored without it must not be
+    reused (nor a choice made from it) once it is added."""
+    concept = store.concept("Harry Potter")
+    first, *rest = concept.open["QA_test"]
+    more = dataclasses.replace(concept, open={**concept.open,
+                                              "QA_test": [dataclasses.replace(first, aliases=(*first.aliases, "x")), *rest]})
+    before = suite.data_settings(tiny.tokenizer, concept, store, _cfg(open_qa=True), "test")
+    after = suite.data_settings(tiny.tokenizer, more, store, _cfg(open_qa=True), "test")
+    assert before["open_qa"] != after["open_qa"] and before["qa"] == after["qa"]
+
+
 def test_a_store_without_instructions_says_it_uses_the_starter_sets(tmp_path, caplog) -> None:
     import logging
     import shutil

@@ -285,6 +285,25 @@ def test_an_interrupted_delta_grid_reuses_the_deltas_it_scored(tmp_path):
     assert jobs.diff_values(jobs.read_json(concept / "erase.json")["delta_grid"], first["delta_grid"], 0) == []
 
 
+@pytest.mark.timeout(300)
+def test_a_resumed_edit_follows_the_features_the_refit_selects(tmp_path):
+    """A resumed job refits the factorization when its cache entry is gone (another machine or device
+    type): the recorded feature indices name the old fit's features, so a selection that differs redoes
+    the features stage and the record describes the edit actually applied."""
+    cache = jobs.make_cache(tmp_path / "cache")
+    job = tmp_path / "job"
+    jobs.run_ember(["stages=[baseline,features]", f"hydra.run.dir={job}"], cache)
+    (concept,) = jobs.concept_dirs(job)
+    rec = jobs.read_json(concept / "features.json")
+    selected = rec["selected_features"]
+    assert selected, "the tiny job selects no feature: the check below would test nothing"
+    rec["selected_features"] = selected[1:]  # as if an earlier fit's feature numbers were recorded
+    (concept / "features.json").write_text(json.dumps(rec))
+    resumed = jobs.run_ember(["stages=[baseline,features,erase]", f"hydra.run.dir={job}"], cache)
+    assert "the refitted factorization selects other features" in resumed.stdout + resumed.stderr
+    assert jobs.read_json(concept / "features.json")["selected_features"] == selected
+
+
 @pytest.mark.timeout(200)
 def test_a_concept_ember_cannot_edit_is_reported_not_silent(tmp_path):
     cache = jobs.make_cache(tmp_path / "cache")
@@ -409,9 +428,18 @@ def test_a_finished_stage_is_recomputed_when_the_concept_data_changed(tmp_path):
     mc["Harry Potter"]["QA_test"][0]["q"] += " (reworded)"
     (data / "mc_questions.json").write_text(json.dumps(mc))
     fixed = jobs.run_ember(args, cache)
-    assert "the concept's data changed since this stage ran: recomputing it" in fixed.stdout + fixed.stderr
+    assert "the data this stage read changed since it ran" in fixed.stdout + fixed.stderr
     second = jobs.read_json(concept / "baseline.json")
     assert second["data"] != first["data"] and second["status"] == "complete"
+
+    # a text every concept shares (a control fact: part of each concept's specificity) is data too
+    facts = jobs.read_json(data / "control_facts.json")
+    facts[0]["q"] += " (reworded)"
+    (data / "control_facts.json").write_text(json.dumps(facts))
+    shared = jobs.run_ember(args, cache)
+    assert "the data this stage read changed since it ran" in shared.stdout + shared.stderr
+    third = jobs.read_json(concept / "baseline.json")
+    assert third["data"] not in (first["data"], second["data"]) and third["status"] == "complete"
 
 
 @pytest.mark.timeout(300)
@@ -434,12 +462,27 @@ def test_a_finished_stage_is_recomputed_when_its_settings_changed(tmp_path):
     assert "every stage of every concept is complete" in same.stdout + same.stderr
     assert records() == first
     edited = jobs.run_ember([*args, "method.params.lr=0.001"], cache)  # as an edited conf/method/ga.yaml would
-    assert "the settings this stage depends on changed since it ran" in edited.stdout + edited.stderr
+    assert "the settings or the scoring code this stage depends on changed since it ran" in edited.stdout + edited.stderr
     second = records()
     assert second["baseline"] == first["baseline"]  # depends on model, data and eval only: reused
     for stage in ("erase", "evaluate"):
         assert second[stage]["settings"] != first[stage]["settings"], stage
     assert second["erase"]["method"]["params"]["lr"] == 0.001
+
+
+def test_a_scorer_change_stales_every_stage_that_scores(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A scorer fix must not leave old numbers beside new ones (or new scores divided by an old baseline):
+    the scoring code's digest is in every stage's settings hash but the factorization's."""
+    from ember.evals import suite
+    from ember.pipeline import stage_settings_keys
+    from tests.conftest import compose
+
+    cfg = compose()
+    before = stage_settings_keys(cfg)
+    monkeypatch.setattr(suite, "scoring_code_version", lambda: "a fixed scorer")
+    after = stage_settings_keys(cfg)
+    assert after["features"] == before["features"]
+    assert [s for s in before if s != "features" and after[s] == before[s]] == []
 
 
 @pytest.mark.timeout(300)

@@ -261,7 +261,7 @@ PARTS: dict[str, Part] = {
     "control": Part(part_control, False, False, lambda x: _mc_settings(x, control_facts(x.store)), lambda x: x.cfg.mc_mode),
     "open_qa": Part(part_open_qa, True, True, lambda x: {
         "n": x.n, "chat": x.use_chat, "tokens": x.cfg.open_max_new_tokens, "f1": x.cfg.f1_threshold,
-        "data": _digest([(q.qid, q.a) for q in x.concept.open.get(SPLITS[x.split][0], [])]),
+        "data": _digest([(q.qid, q.a, list(q.aliases)) for q in x.concept.open.get(SPLITS[x.split][0], [])]),
         **(_llm(x) if x.cfg.open_judge == "llm" else {})}, lambda x: x.cfg.open_judge),
     "ppl": Part(part_ppl, False, False, lambda x: {
         "max_length": getattr(x.cfg, "perplexity_max_length", 256),
