@@ -276,7 +276,8 @@ def concept_ref(source: str, name: str, starter: ConceptStore, release: ConceptS
 
 def key_token_ids(tokenizer: Any, terms: Sequence[str]) -> list[int]:
     """The naive baseline's tokens (:func:`ember.features.key_term_token_ids`): the first token of each
-    word of each key term, with and without a leading space, when it has >= 3 letters and is no stopword;
+    word of each key term with a leading space (a term's first word also without one), when it has >= 3
+    letters and is no stopword;
     continuation pieces of multi-token words are left out."""
     return key_term_token_ids(tokenizer, terms)
 
