@@ -74,6 +74,24 @@ def test_local_judge_f1_rule_and_threshold() -> None:
     assert not local_judge("Harry and Ron", "Harry, Ron and Hermione", f1_threshold=0.9)[0]
 
 
+@pytest.mark.parametrize("pred, gold", [
+    ("Regulus Black", "Sirius Black"),  # F1 0.5: another member of the family
+    ("James Potter", "Harry Potter"),
+    ("World War I", "World War II"),  # F1 0.67
+    ("Han Solo's father", "Luke Skywalker's father"),
+])
+def test_an_answer_that_swaps_a_word_for_another_is_not_a_near_miss(pred: str, gold: str) -> None:
+    """Token F1 >= 0.5 alone took a different entity sharing a word with the gold for right; the F1 rule
+    now needs one answer's words to contain the other's."""
+    assert token_f1(pred, gold) >= 0.5
+    assert local_judge(pred, gold) == (False, pytest.approx(token_f1(pred, gold)), "none")
+
+
+def test_a_partial_or_reordered_answer_still_passes_the_f1_rule() -> None:
+    assert local_judge("Snape", "Severus Snape") == (True, pytest.approx(2 / 3), "f1")  # P 1, R 1/2
+    assert local_judge("Granger, Hermione", "Hermione Granger") == (True, 1.0, "f1")  # not contiguous
+
+
 def test_normalisation_and_f1_hand_computed() -> None:
     assert normalize_answer("  The Boy-Who-Lived!  ") == "boy who lived"
     assert token_f1("boy who lived", "the boy who lived") == 1.0

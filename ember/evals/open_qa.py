@@ -85,14 +85,23 @@ def contains_phrase(haystack: str, needle: str) -> bool:
     return bool(n) and f" {n} " in f" {h} "
 
 
+def one_side_contains_the_other(pred: str, gold: str) -> bool:
+    """Every word of one answer is among the other's (a partial answer, "Snape" for "Severus Snape", or a
+    wordier one in another order): what separates a near miss from a substitution that shares a word
+    ("Regulus Black" for "Sirius Black", "World War I" for "World War II")."""
+    p, g = Counter(normalize_answer(pred).split()), Counter(normalize_answer(gold).split())
+    return bool(p) and bool(g) and (not p - g or not g - p)
+
+
 def local_judge(pred: str, gold: str, f1_threshold: float = 0.5) -> tuple[bool, float, str]:
-    """(correct, token F1, which rule decided): exact / contained / f1 / none."""
+    """(correct, token F1, which rule decided): exact / contained / f1 / none. The F1 rule accepts only
+    when one answer's words contain the other's (:func:`one_side_contains_the_other`)."""
     f1 = token_f1(pred, gold)
     if normalize_answer(pred) and normalize_answer(pred) == normalize_answer(gold):
         return True, f1, "exact"
     if contains_phrase(pred, gold):
         return True, f1, "contained"
-    if f1 >= f1_threshold:
+    if f1 >= f1_threshold and one_side_contains_the_other(pred, gold):
         return True, f1, "f1"
     return False, f1, "none"
 
