@@ -93,6 +93,7 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
     code: a stage record holds it, so a relaunch after a settings change (an edited YAML default: the job
     directory is named by the overrides only) or a scorer fix recomputes the stage instead of reusing it."""
     from ember.evals.baseline import settings_hash
+    from ember.evals.suite import scoring_code_version
 
     def section(name: str) -> Any:
         value = cfg.get(name)
@@ -100,8 +101,6 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
         if isinstance(value, dict):
             value = {k: v for k, v in value.items() if k not in NON_RESULT_KEYS.get(name, ())}
         return value
-
-    from ember.evals.suite import scoring_code_version
 
     resolved = {name: section(name) for names in STAGE_SECTIONS.values() for name in names}
     # every stage but the factorization scores the model: a scorer fix recomputes it instead of setting
@@ -179,16 +178,14 @@ class ConceptRun:
                                                                   if isinstance(v, (int, float))}}, t0)
 
     def features(self) -> dict[str, Any]:
-        from ember.features import CONCEPT_ONLY, SelectionContext, compute_embedding_features, select_features
+        from ember.features import CONCEPT_ONLY, compute_embedding_features
 
         t0 = time.perf_counter()
         e = self.cfg.ember
         feats = compute_embedding_features(
             self.lm.model, self.lm.tokenizer, self.lm.facts, self.concept.name, self.concept.sentences,
             self.background(), e.factorization, self.cache, progress=self._progress())
-        ctx = SelectionContext(self.lm.tokenizer, self.concept.name, list(self.concept.key_terms))
-        report = select_features(feats, e.selector, ctx)
-        selected = [int(k) for k in report.loc[report["selected"], "feature"]]
+        ctx, report, selected = self._select(feats)
         self.files.write_table(self.slug, "features", report.to_dict("records"))
         from ember.edit import EditPlan
 
@@ -208,6 +205,14 @@ class ConceptRun:
             "n_edited_tokens": len(plan), "edited_tokens_sample": [t["text"] for t in toks[:40]],
             "metrics": {"n_selected_features": len(selected), "n_edited_tokens": len(plan),
                         "relative_residual": feats.fit["relative_residual"]}}, t0)
+
+    def _select(self, feats: Any) -> tuple[Any, Any, list[int]]:
+        """The selector's context, its per-feature report and the selected feature indices."""
+        from ember.features import SelectionContext, select_features
+
+        ctx = SelectionContext(self.lm.tokenizer, self.concept.name, list(self.concept.key_terms))
+        report = select_features(feats, self.cfg.ember.selector, ctx)
+        return ctx, report, [int(k) for k in report.loc[report["selected"], "feature"]]
 
     def _no_edit_warning(self, feats: Any, ctx: Any) -> str:
         """Say loudly, with the likely cause and the fixes, that EMBER will edit nothing for this concept."""
@@ -234,7 +239,7 @@ class ConceptRun:
 
     def _rebuild_plan(self) -> None:
         from ember.edit import EditPlan
-        from ember.features import SelectionContext, compute_embedding_features, select_features
+        from ember.features import compute_embedding_features
 
         rec = self.files.read_stage(self.slug, "features")
         feats = compute_embedding_features(
@@ -243,9 +248,7 @@ class ConceptRun:
         plan = EditPlan.from_features(feats, rec["selected_features"])
         # the factorization is refitted when its cache entry is gone (another machine, another device type):
         # the recorded indices name features of the old fit, so they are checked against a fresh selection
-        report = select_features(feats, self.cfg.ember.selector,
-                                 SelectionContext(self.lm.tokenizer, self.concept.name, list(self.concept.key_terms)))
-        again = [int(k) for k in report.loc[report["selected"], "feature"]]
+        again = self._select(feats)[2]
         recorded_tokens = rec.get("n_edited_tokens", len(plan))
         if again != list(rec["selected_features"]) or recorded_tokens != len(plan):
             log.warning("[%s] the refitted factorization selects other features than features.json records "
