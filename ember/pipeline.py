@@ -115,9 +115,10 @@ class ConceptRun:
     """The stages for one concept within a job."""
 
     def __init__(self, cfg: DictConfig, lm: Any, store: ConceptStore, starter: ConceptStore, concept: ConceptData,
-                 files: JobFiles, cache: ArtifactCache, logger: WandbLogger):
+                 files: JobFiles, cache: ArtifactCache, logger: WandbLogger, settings_keys: dict[str, str]):
         self.cfg, self.lm, self.store, self.starter, self.concept = cfg, lm, store, starter, concept
         self.files, self.cache, self.logger = files, cache, logger
+        self.settings_keys = settings_keys  # :func:`stage_settings_keys`, taken once per job before any stage runs
         self.slug = concept.slug
         self.work: torch.nn.Module | None = None
         self.edited_ids: list[int] = []
@@ -135,11 +136,6 @@ class ConceptRun:
     def data_key(self) -> str:
         """:func:`job_data_key` (stage records and cache keys hold it), computed once."""
         return job_data_key(self.concept, self.store, self.starter)
-
-    @cached_property
-    def settings_keys(self) -> dict[str, str]:
-        """:func:`stage_settings_keys`, taken once before any stage runs."""
-        return stage_settings_keys(self.cfg)
 
     def _done(self, stage: str) -> bool:
         return (not self.cfg.overwrite) and self.files.stage_done(self.slug, stage, self.data_key,
@@ -749,7 +745,8 @@ def run_job(cfg: DictConfig) -> float | None:
         log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
     # opened before the model loads: a W&B setting that cannot work (online without a key) fails in a second
     logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
-    if not cfg.overwrite and all(all_done(cfg, files, c, store, starter) for c in concepts):
+    settings_keys = stage_settings_keys(cfg)  # the job's config: the same for every concept
+    if not cfg.overwrite and all(all_done(cfg, files, c, store, starter, settings_keys) for c in concepts):
         log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
         results = {c.name: collect_concept(files, c.slug) for c in concepts}
         for c in concepts:
@@ -768,7 +765,8 @@ def run_job(cfg: DictConfig) -> float | None:
     failures: dict[str, str] = {}
     for i, concept in enumerate(concepts):
         try:
-            results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger).run()
+            results[concept.name] = ConceptRun(cfg, lm, store, starter, concept, files, cache, logger,
+                                               settings_keys).run()
             files.failure_path(concept.slug).unlink(missing_ok=True)  # an earlier launch's
         except Exception as exc:  # one concept failing must not lose the others
             failures[concept.name] = f"{type(exc).__name__}: {exc}"
@@ -841,6 +839,7 @@ def job_data_key(concept: ConceptData, store: ConceptStore, starter: ConceptStor
                           "starter": starter.shared_fingerprint})
 
 
-def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData, store: ConceptStore, starter: ConceptStore) -> bool:
-    fp, keys = job_data_key(concept, store, starter), stage_settings_keys(cfg)
-    return all(files.stage_done(concept.slug, s, fp, keys[s]) for s in stages_wanted(cfg))
+def all_done(cfg: DictConfig, files: JobFiles, concept: ConceptData, store: ConceptStore, starter: ConceptStore,
+             settings_keys: dict[str, str]) -> bool:
+    fp = job_data_key(concept, store, starter)
+    return all(files.stage_done(concept.slug, s, fp, settings_keys[s]) for s in stages_wanted(cfg))
