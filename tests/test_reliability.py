@@ -163,7 +163,9 @@ def _kill_campaign(tmp: Path, n_kills: int, seed: int, kills_per_episode: int) -
             close_episode(run_to_end=True)
         reached = overhead + (done_seconds(ep_dir) if ep_dir.exists() else 0.0)
         target = targets[in_episode]
-        delay = overhead + (target - reached) * speed if target > reached else rng.uniform(0.2, overhead)
+        # speed scales the start-up too: a reference run slowed by a cold start-up (imports vary 2-13 s
+        # on a loaded VM) must not leave every rerun finishing before its kill
+        delay = (overhead + (target - reached)) * speed if target > reached else rng.uniform(0.2, overhead * speed)
         offset = log_path.stat().st_size if log_path.exists() else 0
         proc = jobs.start_ember([*KILL_JOB, f"hydra.run.dir={ep_dir}"], ep_cache, log_path)
         runs += 1
