@@ -19,6 +19,7 @@ import pandas as pd
 import torch
 
 from ember.cache import ArtifactCache
+from ember.code_versions import factorization_code_version
 from ember.config import resolve_device
 from ember.errors import ConfigError
 from ember.factorize import FactorizationResult, sparse_factorize
@@ -112,6 +113,7 @@ def compute_embedding_features(
         "model": model_facts.name, "source": model_facts.source, "embeddings": embedding_fingerprint(rows),
         "concept": concept, "n_vprime": len(vprime), "vprime": embedding_fingerprint(ids.float()),
         "labels": embedding_fingerprint(torch.tensor(labels, dtype=torch.float32)), **settings,
+        "code": factorization_code_version(),
     }
 
     def build() -> dict[str, Any]:

@@ -89,9 +89,12 @@ NON_RESULT_KEYS: dict[str, tuple[str, ...]] = {
 
 
 def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
-    """Per stage, a hash of the resolved settings it depends on (``STAGE_SECTIONS``) and of the scoring
-    code: a stage record holds it, so a relaunch after a settings change (an edited YAML default: the job
-    directory is named by the overrides only) or a scorer fix recomputes the stage instead of reusing it."""
+    """Per stage, a hash of the resolved settings it depends on (``STAGE_SECTIONS``) and of the code that
+    computes it: a stage record holds it, so a relaunch after a settings change (an edited YAML default:
+    the job directory is named by the overrides only) or a code fix recomputes the stage instead of
+    reusing it. The scoring code counts for every stage but the factorization; EMBER's code for the
+    features stage and every stage after it; the base method's code from the erasure on."""
+    from ember.code_versions import erasure_code_version, method_code_version
     from ember.evals.baseline import settings_hash
     from ember.evals.suite import scoring_code_version
 
@@ -105,9 +108,17 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
     resolved = {name: section(name) for names in STAGE_SECTIONS.values() for name in names}
     # every stage but the factorization scores the model: a scorer fix recomputes it instead of setting
     # new numbers beside (or dividing them by) old ones
-    code = scoring_code_version()
-    return {stage: settings_hash({**{name: resolved[name] for name in names},
-                                  **({} if stage == "features" else {"scoring_code": code})})
+    scoring, method = scoring_code_version(), method_code_version(cfg.method.name)
+    erasure = erasure_code_version() if cfg.ember.enabled else "ember off"  # an EMBER fix leaves ember=off jobs be
+
+    def code(stage: str) -> dict[str, str]:
+        if stage == "baseline":
+            return {"scoring_code": scoring}
+        if stage == "features":
+            return {"erasure_code": erasure}
+        return {"scoring_code": scoring, "erasure_code": erasure, "method_code": method}
+
+    return {stage: settings_hash({**{name: resolved[name] for name in names}, **code(stage)})
             for stage, names in STAGE_SECTIONS.items()}
 
 
@@ -261,6 +272,7 @@ class ConceptRun:
         return data_settings(self.lm.tokenizer, self.concept, self.starter, self.cfg.eval, "train")
 
     def _delta(self, base_train: dict[str, Any]) -> tuple[float, list[dict[str, Any]]]:
+        from ember.code_versions import erasure_code_version
         from ember.delta import choose_delta
         from ember.edit import EmbeddingEditor
         from ember.evals.suite import evaluate, relative
@@ -274,7 +286,7 @@ class ConceptRun:
                "tokens": self._plan.token_ids.tolist(), "features": self._plan.features,
                "fact": OmegaConf.to_container(e.factorization, resolve=True), "grid": list(e.delta_grid),
                "gates": [e.retention_gate, e.coherence_gate], "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-               "data": self.data_key,
+               "data": self.data_key, "code": erasure_code_version(),
                "eval_data": self._train_eval_data()}
         from ember.delta import passes_gates
         from ember.evals.suite import COHERENCE_KEYS, enabled_parts
@@ -357,6 +369,7 @@ class ConceptRun:
 
     def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The paper's grid protocol for the base method (``method.search=quick|full``)."""
+        from ember.code_versions import erasure_code_version, method_code_version
         from ember.evals.baseline import settings_hash
         from ember.evals.suite import enabled_parts, evaluate, relative
         from ember.search import method_cells, search
@@ -388,7 +401,8 @@ class ConceptRun:
             "gate": self.cfg.method.retention_gate,
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
-            "eval_data": self._train_eval_data(), "data": self.data_key})  # data: the texts each cell trains on
+            "eval_data": self._train_eval_data(), "data": self.data_key,  # data: the texts each cell trains on
+            "code": [erasure_code_version(), method_code_version(self.cfg.method.name)]})
         res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context,
                      skip=self.cfg.eval.gate_skip)

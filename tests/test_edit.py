@@ -71,6 +71,16 @@ def test_factorization_is_cached_and_reused(tiny, tmp_path) -> None:
     assert cache.builds == 2 and c.rank == 5
 
 
+def test_a_factorization_code_change_refits_instead_of_reading_the_old_fit(tiny, tmp_path, monkeypatch) -> None:
+    import ember.features
+
+    cache = ArtifactCache(tmp_path)
+    _feats(tiny, cache)
+    monkeypatch.setattr(ember.features, "factorization_code_version", lambda: "a fixed factorization")
+    _feats(tiny, cache)
+    assert cache.builds == 2 and cache.hits == 0
+
+
 def test_corrupt_cache_entry_is_rebuilt(tiny, tmp_path) -> None:
     cache = ArtifactCache(tmp_path)
     a = _feats(tiny, cache)

@@ -485,6 +485,39 @@ def test_a_scorer_change_stales_every_stage_that_scores(monkeypatch: pytest.Monk
     assert [s for s in before if s != "features" and after[s] == before[s]] == []
 
 
+@pytest.mark.parametrize("ember", ["on", "off"])
+def test_an_erasure_or_method_code_change_stales_the_stages_it_computes(monkeypatch: pytest.MonkeyPatch,
+                                                                         ember: str) -> None:
+    """A fix to EMBER's code stales the features stage and every stage after it (none with ember=off); a
+    fix to the base method's code stales the erasure and every stage after it; neither touches the
+    baseline."""
+    from ember import code_versions
+    from ember.pipeline import stage_settings_keys
+    from tests.conftest import compose
+
+    cfg = compose([f"ember={ember}", "method=ga"])
+    before = stage_settings_keys(cfg)
+    monkeypatch.setattr(code_versions, "erasure_code_version", lambda: "a fixed edit")
+    after_edit = stage_settings_keys(cfg)
+    changed = [s for s in before if after_edit[s] != before[s]]
+    assert changed == (["features", "erase", "evaluate", "attacks", "relearn"] if ember == "on" else [])
+    monkeypatch.setattr(code_versions, "method_code_version", lambda name: f"a fixed {name}")
+    after_method = stage_settings_keys(cfg)
+    assert [s for s in before if after_method[s] != after_edit[s]] == ["erase", "evaluate", "attacks", "relearn"]
+
+
+def test_each_method_has_its_own_code_digest() -> None:
+    """The digest covers the method's own module: a fix to RMU does not stale a GA job."""
+    from ember.code_versions import method_code_version
+    from ember.errors import ConfigError
+    from ember.methods import METHODS
+
+    digests = {name: method_code_version(name) for name in METHODS}
+    assert len(set(digests.values())) == len(digests), digests
+    with pytest.raises(ConfigError, match="method.name"):
+        method_code_version("ga_typo")
+
+
 @pytest.mark.timeout(300)
 def test_a_relaunch_of_a_finished_job_repairs_its_files_and_fills_wandb(tmp_path):
     """A job killed after its last stage (no results.json), a FAILED.txt left by an earlier failed launch, and
