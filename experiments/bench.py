@@ -63,12 +63,19 @@ class BenchOptions:
     stand_in_tokenizers: Path | None = None  # saved tokenizers for the paper-shaped models (device_bundle.py)
 
 
-def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, object]:
+def median_time(fn: Callable[..., object], repeats: int,
+                setup: Callable[[], object] | None = None) -> tuple[float, object]:
+    """Median wall time of ``fn()`` over ``repeats`` calls, or of ``fn(setup())`` with ``setup`` run
+    outside the timing (a fresh model copy for work that changes its model) and released after each."""
     times, out = [], None
     for _ in range(repeats):
+        arg = setup() if setup is not None else None
         t = time.perf_counter()
-        out = fn()
+        out = fn(arg) if setup is not None else fn()
         times.append(time.perf_counter() - t)
+        if setup is not None:
+            del arg
+            gc.collect()
     return statistics.median(times), out
 
 
@@ -332,15 +339,7 @@ def reference_relearn(model, tok, concept, n_paragraphs: int, max_length: int = 
 
 def timed_on_copies(lm, fn: Callable[[torch.nn.Module], object], repeats: int) -> tuple[float, object]:
     """Median time of ``fn`` on fresh copies of the model (each copy made outside the timing)."""
-    times, out = [], None
-    for _ in range(repeats):
-        model = copy.deepcopy(lm.model)
-        t = time.perf_counter()
-        out = fn(model)
-        times.append(time.perf_counter() - t)
-        del model
-        gc.collect()
-    return statistics.median(times), out
+    return median_time(fn, repeats, setup=lambda: copy.deepcopy(lm.model))
 
 
 def bench_training(opts: BenchOptions) -> list[Row]:
@@ -401,6 +400,26 @@ def bench_training(opts: BenchOptions) -> list[Row]:
 
 def _peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def bench_model_load(opts: BenchOptions) -> list[Row]:
+    """Loading a packaged model: straight from its GGUF (de-quantising every tensor) against the float copy
+    the project caches on first use (``<cache>/models``, built here before the timing if absent)."""
+    from ember.models import load_gguf_direct
+
+    sec = "model load (packaged GGUF vs the float cache)"
+    rows = []
+    for preset in ("smollm2_135m", "gemma3_270m"):
+        cfg = model_preset(preset)
+        load_model(cfg)  # builds the cache entry if this machine has none
+        t_gguf, _ = median_time(lambda cfg=cfg: load_gguf_direct(cfg), opts.repeats)
+        t_cache, lm = median_time(lambda cfg=cfg: load_model(cfg), opts.repeats)
+        rows += [Row(sec, f"{preset}: from the GGUF", t_gguf, "s", runs=opts.repeats),
+                 Row(sec, f"{preset}: from the float cache (default)", t_cache, "s", baseline=t_gguf,
+                     runs=opts.repeats, note="cache hit" if lm.facts.from_cache else "cache MISSED")]
+        del lm
+        gc.collect()
+    return rows
 
 
 def bench_gemma_memory(opts: BenchOptions) -> list[Row]:
@@ -711,6 +730,7 @@ BENCHES: dict[str, Callable[[BenchOptions], list[Row]]] = {
     "delta": bench_delta,
     "attacks": bench_attacks,
     "training": bench_training,
+    "model_load": bench_model_load,
     "gemma_memory": bench_gemma_memory,
     "main_job": bench_main_job,
     "paper_scale": bench_paper_scale,

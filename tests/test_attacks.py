@@ -453,7 +453,7 @@ def test_attack_code_version_keys_the_control_cache_by_source():
 
     versions = {n: attack_code_version(n) for n in ATTACKS}
     assert versions == {n: attack_code_version(n) for n in ATTACKS}  # deterministic
-    assert versions["gcg"] != versions["probe"] != versions["jailbreak"]  # different modules, different digests
+    assert len({versions[n] for n in ("gcg", "probe", "jailbreak")}) == 3  # different modules, different digests
     assert versions["jailbreak"] == versions["incontext"]  # same module (prompting.py)
 
 

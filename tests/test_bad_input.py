@@ -95,8 +95,9 @@ def test_unknown_concepts_and_attacks(name: str) -> None:
     assert "concepts.names" in _text(exc)
     exc = _preflight(["+attacks.enabled=[" + (name.strip().replace(" ", "_") or "x") + "]"])
     assert "attacks.enabled" in _text(exc)
-    exc = _preflight(["method=ga", "+method.params.not_a_param=3"])
-    assert "method.params" in _text(exc) and "not_a_param" in _text(exc)
+    param = (name.strip().replace(" ", "_") or "x") + "_p"  # the suffix keeps it off every real parameter
+    exc = _preflight(["method=ga", f"+method.params.{param}=3"])
+    assert "method.params" in _text(exc) and param in _text(exc)
     TRIED["config"] += 3
 
 

@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from ember.config import validate
 from ember.errors import ConfigError
@@ -31,9 +32,11 @@ def test_every_option_composes_and_validates(group: str) -> None:
 
 def test_every_experiment_composes() -> None:
     exps = options("experiment")
+    assert exps, "conf/experiment is empty"
     for exp in exps:
         cfg = compose([f"experiment={exp}"])
         validate(cfg)
+        assert cfg.experiment_name == exp, (exp, cfg.experiment_name)  # each once ran as "main" (config.yaml)
 
 
 def test_defaults_are_the_main_job() -> None:
@@ -163,11 +166,16 @@ def test_misspelt_choice_or_fraction_out_of_range_names_key_value_and_fix(overri
 def test_combined_selectors_and_every_choice_validate() -> None:
     from ember.config import CHOICES
 
-    validate(compose(["ember.selector.name=ratio+anchor"]))
-    validate(compose(["ember.selector.name=ratio+"]))  # select_features ignores an empty part too
+    for name in ("ratio+anchor", "ratio+"):  # select_features ignores an empty part too
+        cfg = compose([f"ember.selector.name={name}"])
+        validate(cfg)
+        assert cfg.ember.selector.name == name
+    assert CHOICES
     for key, (choices, _) in CHOICES.items():
         for choice in choices:
-            validate(compose([f"{key}={choice}", "eval.llm_endpoint=http://localhost:8000/v1"]))  # llm judges need one
+            cfg = compose([f"{key}={choice}", "eval.llm_endpoint=http://localhost:8000/v1"])  # llm judges need one
+            validate(cfg)
+            assert OmegaConf.select(cfg, key) == choice, (key, choice)
 
 
 @pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="checks the message on a machine without CUDA")

@@ -43,11 +43,20 @@ def test_encoder_is_cached_and_relevance_ranks_related_text_higher() -> None:
     assert rel[0] > 0.5 > rel[1] and rel[2] == 0.0
 
 
-def test_fluency_prefers_real_text_and_floors_empty(tiny) -> None:
+def test_fluency_floors_an_empty_completion_at_the_uniform_score(tiny) -> None:
     prompts = ["Question: What colour is the sky?\nAnswer:"] * 2
     flu = fluency_scores(tiny.model, tiny.tokenizer, prompts, ["blue", ""])
     assert flu[1] == pytest.approx(-math.log(tiny.model.get_output_embeddings().weight.shape[0]))
     assert math.isfinite(flu[0])
+
+
+def test_fluency_prefers_real_text_to_the_same_words_shuffled(smollm2) -> None:
+    """On a real model (a random one has no preference): the same words, in order and scrambled."""
+    prompt = "Question: What colour is the sky on a clear day?\nAnswer:"
+    real = ["The sky is blue on a clear day.", "Bread is made from flour, water and yeast."]
+    shuffled = ["day clear blue The on is sky a.", "yeast flour from and made Bread water is."]
+    flu = fluency_scores(smollm2.model, smollm2.tokenizer, [prompt] * 4, real + shuffled)
+    assert flu[0] > flu[2] and flu[1] > flu[3], flu
 
 
 def test_fluency_scores_the_completion_after_the_prompt_the_model_was_given(tiny) -> None:

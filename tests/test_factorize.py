@@ -125,6 +125,5 @@ def test_float64_fit_does_not_depend_on_the_thread_count(smollm2) -> None:
     finally:
         torch.set_num_threads(before)
     assert res.F.dtype == torch.float32  # results are handed on in the model's precision
-    if torch.equal(supports[torch.float32, 1], supports[torch.float32, 2]):
-        pytest.skip("this BLAS gives float32 results independent of the thread count: nothing to compare")
+    # the float64 guarantee holds whatever this BLAS does in float32 (where its supports may or may not differ)
     assert torch.equal(supports[torch.float64, 1], supports[torch.float64, 2])

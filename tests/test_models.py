@@ -1,8 +1,7 @@
-"""The model zoo: packaged models load, the float cache is faithful and fast, facts are read right."""
+"""The model zoo: packaged models load, the float cache is faithful, facts are read right (load times: make bench)."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -27,16 +26,13 @@ def _logits(model, tok) -> torch.Tensor:
     ("smollm2_135m", "llama", False, True),  # SmolLM2 ties lm_head to the input embeddings too
     ("gemma3_270m", "gemma3_text", True, True),
 ])
-def test_packaged_model_cache_is_faithful_and_faster(name, family, scaled, tied, cache_dir: Path, tmp_path: Path):
+def test_packaged_model_cache_is_faithful(name, family, scaled, tied, cache_dir: Path, tmp_path: Path):
     cfg = model_preset(name)
     cfg.untie_embeddings = False
-    t0 = time.perf_counter()
     direct, tok = load_gguf_direct(cfg)
-    gguf_s = time.perf_counter() - t0
     load_model(cfg, cache_root=cache_dir)  # builds the cache if absent
     lm2 = load_model(cfg, cache_root=cache_dir)
     assert lm2.facts.from_cache
-    assert lm2.facts.load_seconds * 2 < gguf_s, (lm2.facts.load_seconds, gguf_s)
     torch.testing.assert_close(_logits(lm2.model, lm2.tokenizer), _logits(direct, tok), rtol=0, atol=1e-4)
     f = lm2.facts
     assert f.family == family

@@ -190,7 +190,7 @@ def _kill_campaign(tmp: Path, n_kills: int, seed: int, kills_per_episode: int) -
     if in_episode:
         close_episode(run_to_end=True)
     return {
-        "kills_requested": n_kills, "kills_survived": len(kills),
+        "kills_requested": n_kills, "kills_survived": sum(e["kills"] for e in episodes),
         "kills_by_stage": dict(collections.Counter(k["stage"] for k in kills)),
         "episodes": len(episodes), "runs": runs, "runs_finished_before_their_kill": finished_first,
         "uninterrupted_seconds": round(t_ref, 1), "tolerance": TOL,
@@ -209,8 +209,8 @@ def test_sigkill_at_random_points_then_rerun_matches_uninterrupted(tmp_path):
     uninterrupted run's (tolerance 1e-6), every JSON parses, no CSV row or JSONL cell is duplicated."""
     figures = _kill_campaign(tmp_path, n_kills=3, seed=KILL_SEED, kills_per_episode=3)
     _record("kill_counts.json", "default", figures)
-    assert figures["kills_survived"] == 3
-    assert figures["max_abs_diff_vs_uninterrupted"] <= TOL
+    assert figures["kills_survived"] == 3  # every kill inside an episode that then matched the reference
+    assert set(figures["kills_by_stage"]) - {"startup", "finishing"}, figures["kills_by_stage"]  # one kill mid-stage
 
 
 @pytest.mark.large
@@ -331,7 +331,7 @@ def test_artifact_cache_detects_and_rebuilds_corrupt_entries(tmp_path):
 
     from ember.cache import ArtifactCache
 
-    detected = 0
+    problems: dict[str, list[str]] = {}
     for i, (name, corrupt) in enumerate(ARTIFACT_CORRUPTIONS.items()):
         cache = ArtifactCache(tmp_path / f"c{i}")
         key = {"case": name, "n": 3}
@@ -345,15 +345,18 @@ def test_artifact_cache_detects_and_rebuilds_corrupt_entries(tmp_path):
         d = cache.entry_dir("kind", "label", key)
         corrupt(d)
         again = cache.get_or_build("kind", "label", key, build)
-        assert len(calls) == 2, f"{name}: corrupt entry was used"
-        assert torch.equal(again["x"], first["x"])
         m = json.loads((d / "manifest.json").read_text())
-        assert hashlib.sha256((d / "payload.pt").read_bytes()).hexdigest() == m["sha256"], name
-        assert ArtifactCache(d.parents[2]).get("kind", "label", key) is not None, name
-        detected += 1
+        checks = {"the corrupt entry was used": len(calls) == 2,
+                  "the rebuilt payload differs": torch.equal(again["x"], first["x"]),
+                  "the rebuilt manifest's checksum fails": hashlib.sha256(
+                      (d / "payload.pt").read_bytes()).hexdigest() == m["sha256"],
+                  "the rebuilt entry does not read back": ArtifactCache(d.parents[2]).get("kind", "label", key) is not None}
+        if failed := [what for what, ok in checks.items() if not ok]:
+            problems[name] = failed
     _record("concurrency.json", "artifact_cache_corruptions", {
-        "cases": len(ARTIFACT_CORRUPTIONS), "detected_and_rebuilt": detected, "kinds": list(ARTIFACT_CORRUPTIONS)})
-    assert detected == len(ARTIFACT_CORRUPTIONS)
+        "cases": len(ARTIFACT_CORRUPTIONS), "detected_and_rebuilt": len(ARTIFACT_CORRUPTIONS) - len(problems),
+        "kinds": list(ARTIFACT_CORRUPTIONS)})
+    assert problems == {}
 
 
 def test_a_reader_without_the_lock_leaves_an_entry_being_written_alone(tmp_path):
@@ -391,7 +394,7 @@ BASELINE_CORRUPTIONS = {
 def test_baseline_cache_recomputes_corrupt_json(tmp_path):
     from ember.evals.baseline import BaselineCache, BaselineKey
 
-    detected = 0
+    problems: dict[str, list[str]] = {}
     for i, (name, corrupt) in enumerate(BASELINE_CORRUPTIONS.items()):
         bc = BaselineCache(tmp_path / f"b{i}")
         key = BaselineKey("tiny-float32-abc", "qa_test", "Harry Potter", "loglik", "0123456789ab")
@@ -404,12 +407,15 @@ def test_baseline_cache_recomputes_corrupt_json(tmp_path):
         first = bc.entry(key, compute)
         corrupt(bc.path(key))
         again = bc.entry(key, compute)
-        assert len(calls) == 2 and bc.computed == 2, f"{name}: corrupt baseline was used"
-        assert again == first and bc.read(key) == first, name
-        detected += 1
+        checks = {"the corrupt baseline was used": len(calls) == 2 and bc.computed == 2,
+                  "the recomputed baseline differs": again == first,
+                  "the recomputed baseline does not read back": bc.read(key) == first}
+        if failed := [what for what, ok in checks.items() if not ok]:
+            problems[name] = failed
     _record("concurrency.json", "baseline_corruptions", {
-        "cases": len(BASELINE_CORRUPTIONS), "detected_and_recomputed": detected, "kinds": list(BASELINE_CORRUPTIONS)})
-    assert detected == len(BASELINE_CORRUPTIONS)
+        "cases": len(BASELINE_CORRUPTIONS), "detected_and_recomputed": len(BASELINE_CORRUPTIONS) - len(problems),
+        "kinds": list(BASELINE_CORRUPTIONS)})
+    assert problems == {}
 
 
 # --------------------------------------------------------------------------------------------------
