@@ -211,6 +211,8 @@ class RunConfig:
     experiment_name: str = "default"
     # keep the erased model in the job directory (changed parameters only) so a resumed job skips erasure
     save_erased_weights: bool = True
+    # ...unless the difference is larger than this (GiB): GA/GradDiff/NPO train every MLP, ~10 GiB on an 8B model
+    save_erased_weights_max_gib: float = 4.0
 
 
 def register_configs() -> None:
@@ -373,6 +375,8 @@ def _check_counts_and_devices(cfg: DictConfig | RunConfig) -> None:
              "the llm selector needs an OpenAI-compatible endpoint URL, or use ratio/anchor")
     _check_gate_skip(ev)
     _require(cfg.model.dtype in MODEL_DTYPES, "model.dtype", cfg.model.dtype, f"choose one of {list(MODEL_DTYPES)}")
+    _require(cfg.save_erased_weights_max_gib >= 0, "save_erased_weights_max_gib", cfg.save_erased_weights_max_gib,
+             "use a size in GiB >= 0 (0 saves no difference)")
     check_device("model.device", cfg.model.device)
     if cfg.ember.enabled:
         check_device("ember.factorization.device", f.device)

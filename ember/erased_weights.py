@@ -25,23 +25,48 @@ log = logging.getLogger(__name__)
 ROWS_FRACTION = 0.5  # store row indices + rows when fewer than this fraction of a matrix's rows changed
 
 
-def weight_diff(base: nn.Module, edited: nn.Module) -> dict[str, torch.Tensor]:
-    """Tensors that turn ``base`` into ``edited``: ``<name>::rows``/``::values`` or ``<name>::full``, on the CPU."""
+def _changes(base: nn.Module, edited: nn.Module) -> dict[str, torch.Tensor | None]:
+    """Per changed parameter of ``edited``: the indices of its changed rows, or None to store it whole."""
     base_sd = base.state_dict()
-    out: dict[str, torch.Tensor] = {}
+    out: dict[str, torch.Tensor | None] = {}
     for name, new in edited.state_dict().items():
         old = base_sd.get(name)
         if old is None or old.shape != new.shape:
             raise ValueError(f"parameter {name!r} differs in shape or is missing in the base model")
         if torch.equal(old, new):
             continue
+        out[name] = None
         if new.dim() >= 2:
             changed = (old != new).flatten(1).any(1).nonzero().squeeze(1)
             if changed.numel() < ROWS_FRACTION * new.shape[0]:
-                out[f"{name}::rows"] = changed.to("cpu", torch.int64).contiguous()
-                out[f"{name}::values"] = new[changed].detach().to("cpu", copy=True).contiguous()
-                continue
-        out[f"{name}::full"] = new.detach().to("cpu", copy=True).contiguous()
+                out[name] = changed
+    return out
+
+
+def _diff_bytes(edited: nn.Module, changes: dict[str, torch.Tensor | None]) -> int:
+    """What :func:`weight_diff` would hold, in bytes, before anything is copied."""
+    sd = edited.state_dict()
+    total = 0
+    for name, rows in changes.items():
+        t = sd[name]
+        per_row = t[0].numel() * t.element_size() if t.dim() else t.element_size()
+        total += t.numel() * t.element_size() if rows is None else rows.numel() * (per_row + 8)
+    return total
+
+
+def weight_diff(base: nn.Module, edited: nn.Module,
+                changes: dict[str, torch.Tensor | None] | None = None) -> dict[str, torch.Tensor]:
+    """Tensors that turn ``base`` into ``edited``: ``<name>::rows``/``::values`` or ``<name>::full``, on the CPU."""
+    changes = _changes(base, edited) if changes is None else changes
+    sd = edited.state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for name, rows in changes.items():
+        new = sd[name]
+        if rows is None:
+            out[f"{name}::full"] = new.detach().to("cpu", copy=True).contiguous()
+        else:
+            out[f"{name}::rows"] = rows.to("cpu", torch.int64).contiguous()
+            out[f"{name}::values"] = new[rows].detach().to("cpu", copy=True).contiguous()
     return out
 
 
@@ -62,9 +87,20 @@ def apply_diff(model: nn.Module, diff: dict[str, torch.Tensor]) -> None:
                 target[rows] = diff[f"{name}::values"].to(target.device, target.dtype)
 
 
-def save_diff(path: Path, base: nn.Module, edited: nn.Module) -> dict[str, object]:
-    """Save the difference atomically; returns what the stage record keeps (file, sha256, size)."""
-    data = st_save(weight_diff(base, edited))
+def save_diff(path: Path, base: nn.Module, edited: nn.Module, max_gib: float | None = None) -> dict[str, object]:
+    """Save the difference atomically; returns what the stage record keeps (file, sha256, size).
+
+    A difference larger than ``max_gib`` (a base method that trains every MLP of an 8B model: about
+    10 GiB per concept) is not saved, with a warning: the record says so, and a relaunch that needs the
+    erased model recomputes the erasure instead of reading it."""
+    changes = _changes(base, edited)
+    size = _diff_bytes(edited, changes)
+    if max_gib is not None and size > max_gib * 2**30:
+        log.warning("the erased weights would take %.1f GiB, more than save_erased_weights_max_gib=%g: not saved "
+                    "(a relaunch that needs the erased model recomputes the erasure); raise "
+                    "save_erased_weights_max_gib to keep them", size / 2**30, max_gib)
+        return {"skipped": f"{size / 2**30:.1f} GiB > save_erased_weights_max_gib={max_gib:g}", "bytes": size}
+    data = st_save(weight_diff(base, edited, changes))
     atomic_write_bytes(Path(path), data)
     return {"file": Path(path).name, "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
 

@@ -450,7 +450,7 @@ class ConceptRun:
             from ember.erased_weights import save_diff
 
             result["erased_weights"] = save_diff(self.files.concept_dir(self.slug) / "erased_weights.safetensors",
-                                                 self.lm.model, self.work)
+                                                 self.lm.model, self.work, self.cfg.save_erased_weights_max_gib)
         if done:  # recomputed because the saved weights were missing or corrupt: save them again
             rec = self.files.read_stage(self.slug, "erase") or {}
             if "erased_weights" in result:
@@ -465,7 +465,7 @@ class ConceptRun:
 
         rec = self.files.read_stage(self.slug, "erase") or {}
         saved = rec.get("erased_weights")
-        if rec.get("status") != "complete" or not saved:
+        if rec.get("status") != "complete" or not saved or "file" not in saved:  # none, or too large to keep
             return False
         diff = load_diff(self.files.concept_dir(self.slug) / saved["file"], saved.get("sha256"))
         if diff is None:

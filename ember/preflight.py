@@ -104,6 +104,15 @@ def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
     return False
 
 
+def check_attack_layers(cfg: DictConfig, n_layers: int) -> None:
+    """The probe's layers against the model's depth, before any stage (it runs after the other attacks)."""
+    from ember.attacks import enabled_attacks
+    from ember.attacks.probe import check_probe, check_probe_layers
+
+    if "probe" in enabled_attacks(cfg.attacks):
+        check_probe_layers(check_probe(cfg.attacks.get("probe"))["layers"], n_layers)
+
+
 def check_method_layers(cfg: DictConfig, n_layers: int, d_mlp: int | None = None) -> None:
     """The method's layer settings (and every cell of a configured grid search) exist in the model, and
     its sizes fit (SNMF's rank within the MLP width ``d_mlp``, when known)."""
@@ -195,5 +204,6 @@ def preflight(cfg: DictConfig) -> Checked:
         validate_against_model(cfg, sizes["hidden_size"])
     if "num_hidden_layers" in sizes:
         check_method_layers(cfg, sizes["num_hidden_layers"], sizes.get("intermediate_size"))
+        check_attack_layers(cfg, sizes["num_hidden_layers"])
     warn_large_model_on_cpu(cfg)
     return Checked(store=store, starter=starter, concepts=concepts)

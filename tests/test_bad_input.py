@@ -101,12 +101,20 @@ def test_unknown_concepts_and_attacks(name: str) -> None:
     TRIED["config"] += 3
 
 
+@pytest.mark.parametrize("layers", ["[-1]", "all", "[]", "[1.5]", "[true]"])
+def test_probe_layers_that_are_no_layer_indices_fail_in_preflight(layers: str) -> None:
+    exc = _preflight(["model=tiny_random", "ember=off", "attacks=all", f"attacks.probe.layers={layers}"])
+    TRIED["config"] += 1
+    assert "attacks.probe.layers" in _text(exc) and "list of layer indices" in _text(exc), _text(exc)
+
+
 @pytest.mark.parametrize("overrides, key", [
     (["method=rmu", "method.params.layer=5"], "method.params.layer"),  # tiny_random has 2 layers
     (["method=ga", "method.params.layers=[0,7]"], "method.params.layers"),
     (["method=snmf", "method.params.out_layers=[1,3]"], "method.params.out_layers"),
     (["method=rmu", "method.search=quick", "+method.quick_grid.layer=[0,9]"], "grid cell"),
     (["relearn.max_paragraphs=0"], "relearn.max_paragraphs"),
+    (["attacks=all", "attacks.probe.layers=[1,3]"], "attacks.probe.layers"),  # 0..2 exist
 ])
 def test_layers_the_model_lacks_and_empty_relearning_fail_in_preflight(overrides, key) -> None:
     exc = _preflight(["model=tiny_random", "ember=off", *overrides])

@@ -153,6 +153,7 @@ def test_job_tag_is_readable_and_safe() -> None:
         ("ember.selector.anchor_thresh=20", "ember.selector.anchor_thresh", "[0, 1]"),
         ("ember.selector.llm_confidence=85", "ember.selector.llm_confidence", "[0, 1]"),
         ("eval.f1_threshold=50", "eval.f1_threshold", "[0, 1]"),
+        ("save_erased_weights_max_gib=-1", "save_erased_weights_max_gib", ">= 0"),
     ],
 )
 def test_misspelt_choice_or_fraction_out_of_range_names_key_value_and_fix(override: str, key: str, hint: str) -> None:

@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from ember.erased_weights import apply_diff, load_diff, save_diff, weight_diff
+from ember.erased_weights import _changes, _diff_bytes, apply_diff, load_diff, save_diff, weight_diff
 
 
 def _edit(model: torch.nn.Module) -> torch.nn.Module:
@@ -49,3 +49,21 @@ def test_a_corrupt_or_missing_file_is_refused(tiny, tmp_path):
     p.write_bytes(bytes(data))
     assert load_diff(p, rec["sha256"]) is None
     assert load_diff(tmp_path / "absent.safetensors", rec["sha256"]) is None
+
+
+def test_the_size_known_before_saving_is_the_saved_payload(tiny, tmp_path):
+    """The cap is checked on an estimate made before anything is copied: it is the file less its header."""
+    edited = _edit(tiny.model)
+    estimate = _diff_bytes(edited, _changes(tiny.model, edited))
+    rec = save_diff(tmp_path / "w.safetensors", tiny.model, edited)
+    assert estimate > 0 and estimate <= rec["bytes"] <= estimate + 4096, (estimate, rec["bytes"])
+
+
+def test_a_difference_over_the_cap_is_not_saved(tiny, tmp_path, caplog):
+    edited = _edit(tiny.model)
+    estimate = _diff_bytes(edited, _changes(tiny.model, edited))
+    path = tmp_path / "w.safetensors"
+    rec = save_diff(path, tiny.model, edited, max_gib=(estimate - 1) / 2**30)
+    assert "skipped" in rec and "file" not in rec and rec["bytes"] == estimate
+    assert not path.exists() and "save_erased_weights_max_gib" in caplog.text
+    assert "file" in save_diff(path, tiny.model, edited, max_gib=estimate / 2**30) and path.exists()

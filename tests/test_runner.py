@@ -376,6 +376,20 @@ def test_resume_after_erase_reloads_the_erased_weights(sweep2x2, tmp_path):
 
 
 @pytest.mark.timeout(300)
+def test_erased_weights_over_the_cap_are_not_saved_and_a_resume_erases_again(tmp_path):
+    job, cache = tmp_path / "job", jobs.make_cache(tmp_path / "cache")
+    common = ["method=ga_fast", "ember=off", "save_erased_weights_max_gib=0", f"hydra.run.dir={job}"]
+    first = jobs.run_ember([*common, "stages=[baseline,features,erase]"], cache)
+    assert "save_erased_weights_max_gib=0" in first.stdout + first.stderr
+    (concept,) = jobs.concept_dirs(job)
+    saved = jobs.read_json(concept / "erase.json")["erased_weights"]
+    assert "skipped" in saved and saved["bytes"] > 0 and not (concept / "erased_weights.safetensors").exists()
+    resumed = jobs.run_ember([*common, STAGES4], cache)
+    assert "erased model reloaded" not in resumed.stdout + resumed.stderr
+    assert jobs.read_json(concept / "evaluate.json")["status"] == "complete"
+
+
+@pytest.mark.timeout(300)
 def test_a_setting_error_inside_a_concept_stops_before_the_next_concepts(tmp_path):
     """GCG checks the prompt template only when it runs: the first concept fails with a ConfigError in its
     attacks stage and the other concepts are not run (they would recompute their baselines and fail the

@@ -175,7 +175,22 @@ def check_probe(cfg: Mapping[str, Any] | None, concepts: Sequence[Any] = ()) -> 
     require_int("probe", "folds", s["folds"], minimum=2)  # cross-validation needs two folds
     if not isinstance(s["l2"], (int, float)) or isinstance(s["l2"], bool) or s["l2"] < 0:
         raise ConfigError(f"attacks.probe.l2={s['l2']!r}: use a penalty >= 0")
+    layers = s["layers"]
+    if layers is not None:
+        if isinstance(layers, (str, bytes)) or not isinstance(layers, Sequence) or not layers or any(
+                isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in layers):
+            raise ConfigError(f"attacks.probe.layers={layers!r}: use null (every layer) or a list of layer indices "
+                              "(0 = the embeddings, i = the output of block i), e.g. [4,8,12]")
+        s["layers"] = [int(i) for i in layers]
     return s
+
+
+def check_probe_layers(layers: Sequence[int] | None, n_layers: int) -> None:
+    """Every probed layer exists: 0 (the embeddings) to ``n_layers`` (the last block's output)."""
+    missing = [i for i in layers or () if i > n_layers]
+    if missing:
+        raise ConfigError(f"attacks.probe.layers: {missing} do not exist; the model has {n_layers} layers, so the "
+                          f"probe reads 0..{n_layers} (0 = the embeddings, i = block i's output)")
 
 
 @register_attack("probe", check=check_probe)
@@ -193,7 +208,8 @@ def run_probe(model: Any, tok: Any, concept: Any, cfg: Mapping[str, Any] | None,
         lens_tr = logit_lens_correct(model, tr_q, [[c[0] for c in cs] for cs in tr_conts], y_tr.tolist())
         lens_te = logit_lens_correct(model, te_q, [[c[0] for c in cs] for cs in te_conts], y_te.tolist())
         n_layers = tr_o.shape[0]
-        layers = list(range(n_layers)) if s["layers"] is None else [int(i) for i in s["layers"]]
+        check_probe_layers(s["layers"], n_layers - 1)
+        layers = list(range(n_layers)) if s["layers"] is None else s["layers"]
         rows = []
         for layer in layers:
             cv = cv_accuracy(tr_o[layer], y_tr, s["folds"], s["l2"], s["max_iter"])
