@@ -770,10 +770,12 @@ def run_job(cfg: DictConfig) -> float | None:
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
-    if cfg.relearn.name == "lora" and "relearn" in stages_wanted(cfg):
-        from ember.attacks.relearn import check_lora_targets
+    if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
+        from ember.attacks.relearn import check_lora_targets, check_relearn_memory
 
-        check_lora_targets(lm.model, list(cfg.relearn.lora_targets))  # before any stage, not at the last one
+        if cfg.relearn.name == "lora":
+            check_lora_targets(lm.model, list(cfg.relearn.lora_targets))
+        check_relearn_memory(lm.model, OmegaConf.to_container(cfg.relearn, resolve=True), bool(cfg.model.master_weights))
     cache = ArtifactCache(Path(cfg.cache_dir))
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}

@@ -404,6 +404,29 @@ def test_relearn_full_lowers_loss_and_leaves_the_input_model(tiny, concept) -> N
     assert not any(p.requires_grad for p in trained.parameters())
 
 
+def test_relearning_that_cannot_fit_fails_right_after_the_model_loads(tiny) -> None:
+    """Full-parameter relearning of the paper's Llama-3.1-8B in bf16 holds three copies of the weights, their
+    gradients and AdamW's moments: more than an 80 GB H100; in place, one copy less, it fits."""
+    from ember.attacks.relearn import check_relearn_memory, relearn_memory_bytes
+
+    llama8b, h100 = 8_030_261_248, int(79.6 * 2**30)  # an H100 80GB reports 79.6 GiB
+    assert relearn_memory_bytes(llama8b, 2, in_place=False, master_weights=False) > h100
+    assert relearn_memory_bytes(llama8b, 2, in_place=True, master_weights=False) < h100
+    n = sum(p.numel() for p in tiny.model.parameters())
+    copy_ = relearn_memory_bytes(n, 4, in_place=False, master_weights=False)
+    assert copy_ - relearn_memory_bytes(n, 4, in_place=True, master_weights=False) == 4 * n  # one fp32 copy
+    assert relearn_memory_bytes(n, 4, False, True) == copy_  # fp32 weights need no master copies
+    assert relearn_memory_bytes(n, 2, False, True) > relearn_memory_bytes(n, 2, False, False)
+
+    full = {"name": "full", "in_place": False}
+    with pytest.raises(ConfigError, match="relearn.in_place=true"):
+        check_relearn_memory(tiny.model, full, master_weights=False, available=copy_ - 1)
+    check_relearn_memory(tiny.model, full, master_weights=False, available=copy_)
+    check_relearn_memory(tiny.model, {**full, "in_place": True}, master_weights=False, available=copy_ - 1)
+    check_relearn_memory(tiny.model, {"name": "lora"}, master_weights=False, available=1)  # adapters only
+    check_relearn_memory(tiny.model, full, master_weights=False)  # this machine's RAM holds the tiny model
+
+
 def test_relearn_lora_changes_only_adapters(tiny, concept) -> None:
     from ember.attacks.relearn import relearn_model
 

@@ -31,6 +31,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
 import random
 import time
 from collections.abc import Mapping, Sequence
@@ -103,6 +104,44 @@ def check_lora_targets(model: nn.Module, targets: Sequence[str]) -> None:
         leaves = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise ConfigError(f"relearn.lora_targets: no Linear module of this model is named {missing}; "
                           f"its Linear modules end in {leaves}")
+
+
+def relearn_memory_bytes(n_params: int, elem_bytes: int, in_place: bool, master_weights: bool) -> int:
+    """A lower bound on the memory full-parameter relearning holds at once: the job's unedited and erased
+    models, the trained copy (none ``in_place``), its gradients, fp32 master weights and their gradients
+    when on, and AdamW's two moments (in fp32 with master weights, else in the weights' dtype).
+    Activations are left out."""
+    copies = 2 if in_place else 3
+    state = 4 if master_weights and elem_bytes < 4 else elem_bytes
+    master = 2 * 4 * n_params if master_weights and elem_bytes < 4 else 0
+    return n_params * (copies * elem_bytes + elem_bytes + 2 * state) + master
+
+
+def check_relearn_memory(model: nn.Module, s: Mapping[str, Any], master_weights: bool,
+                         available: int | None = None) -> None:
+    """Full-parameter relearning (``relearn.name=full``: ``relearn=full|paper|short``) that cannot fit on the
+    model's device fails here, right after the model loads, instead of running out of memory after every
+    other stage."""
+    if s.get("name") != "full":
+        return
+    first = next(model.parameters())
+    if available is None:
+        if first.device.type == "cuda":
+            available = torch.cuda.get_device_properties(first.device).total_memory
+        elif first.device.type == "cpu":
+            available = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+        else:
+            return
+    n = sum(p.numel() for p in model.parameters())
+    need = relearn_memory_bytes(n, first.element_size(), bool(s.get("in_place")), master_weights)
+    if need > available:
+        raise ConfigError(
+            f"full-parameter relearning (relearn.name=full) needs at least {need / 2**30:.1f} GiB on {first.device.type} for this model "
+            f"({n / 1e9:.2f}B parameters: the unedited and erased models"
+            f"{'' if s.get('in_place') else ', the trained copy'}, gradients and AdamW states"
+            f"{', fp32 master weights' if master_weights and first.element_size() < 4 else ''}); the device has "
+            f"{available / 2**30:.1f} GiB. Set relearn.in_place=true (no copy, no control run), relearn=lora, "
+            "model.master_weights=false, or run on a larger device; or leave relearn out of stages")
 
 
 def _wrap_lora(model: nn.Module, s: Mapping[str, Any]) -> nn.Module:
