@@ -745,7 +745,7 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
 
 def run_job(cfg: DictConfig) -> float | None:
     from ember.models import load_model
-    from ember.preflight import preflight
+    from ember.preflight import preflight, warn_fp16_overflow
 
     t_job = time.perf_counter()
     checked = preflight(cfg)
@@ -770,6 +770,7 @@ def run_job(cfg: DictConfig) -> float | None:
     seed_everything(cfg.seed)
     lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
     validate_against_model(cfg, lm.facts.d_model)
+    warn_fp16_overflow(lm.facts.family, cfg.model.dtype)
     if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
         from ember.attacks.relearn import check_lora_targets, check_relearn_memory
 

@@ -104,6 +104,19 @@ def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
     return False
 
 
+#: model families whose activations are known to overflow float16 (train and run them in bfloat16)
+FP16_OVERFLOWS = ("gemma", "gemma2", "gemma3", "gemma3_text")
+
+
+def warn_fp16_overflow(family: str, dtype: str) -> bool:
+    """Say so when a Gemma model (activations beyond float16's range) is run in float16."""
+    if dtype == "float16" and family in FP16_OVERFLOWS:
+        log.warning("model.dtype=float16 on a %s model: Gemma's activations overflow float16 (inf/NaN scores); "
+                    "use model.dtype=bfloat16 or float32", family)
+        return True
+    return False
+
+
 def check_attack_layers(cfg: DictConfig, n_layers: int) -> None:
     """The probe's layers against the model's depth, before any stage (it runs after the other attacks)."""
     from ember.attacks import enabled_attacks

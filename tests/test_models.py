@@ -177,6 +177,16 @@ def test_paper_size_model_on_a_cpu_is_warned_about(caplog: pytest.LogCaptureFixt
     assert not warn_large_model_on_cpu(compose(["model=smollm2_135m", "model.device=cpu"]))
 
 
+def test_gemma_in_float16_is_warned_about(tiny_gemma, caplog: pytest.LogCaptureFixture) -> None:
+    from ember.preflight import warn_fp16_overflow
+
+    with caplog.at_level("WARNING"):
+        assert warn_fp16_overflow(tiny_gemma.facts.family, "float16")
+    assert "bfloat16" in caplog.text
+    assert not warn_fp16_overflow(tiny_gemma.facts.family, "bfloat16")
+    assert not warn_fp16_overflow("llama", "float16")
+
+
 def test_tokenizer_from_may_be_a_saved_tokenizer_directory(tiny, cache_dir: Path, tmp_path: Path) -> None:
     """A bare machine without the packaged models (a lent GPU) builds the stand-ins from saved tokenizers."""
     tiny.tokenizer.save_pretrained(tmp_path / "tok")
