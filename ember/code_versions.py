@@ -11,6 +11,7 @@ next to a silently stale result.
 from __future__ import annotations
 
 import functools
+import importlib
 import sys
 
 from ember.cache import source_digest
@@ -34,11 +35,12 @@ def erasure_code_version() -> str:
 
 @functools.cache
 def method_code_version(name: str) -> str:
-    """A base method (``method.name``): its module, the shared training loop and fp32 master weights, and
-    the grid protocol that picks its parameters."""
+    """A base method (``method.name``): its module and those it declares (``Method.code_modules``: SNMF's
+    Semi-NMF fit), the shared training loop and fp32 master weights, and the grid protocol that picks
+    its parameters."""
     from ember import master_weights, search
     from ember.methods import METHODS, base, get_method, training
 
     cls = METHODS[name] if name in METHODS else type(get_method(name))  # get_method names the bad method.name
-    module = sys.modules[cls.__module__]
-    return source_digest(list(dict.fromkeys([module, base, training, master_weights, search])))
+    own = [sys.modules[cls.__module__], *(importlib.import_module(m) for m in cls.code_modules)]
+    return source_digest(list(dict.fromkeys([*own, base, training, master_weights, search])))

@@ -402,7 +402,8 @@ class ConceptRun:
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
             "eval_data": self._train_eval_data(), "data": self.data_key,  # data: the texts each cell trains on
-            "code": [erasure_code_version(), method_code_version(self.cfg.method.name)]})
+            "code": [erasure_code_version() if self.cfg.ember.enabled else "ember off",
+                     method_code_version(self.cfg.method.name)]})
         res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context,
                      skip=self.cfg.eval.gate_skip)

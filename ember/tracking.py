@@ -103,8 +103,8 @@ class JobFiles:
                         "set shares: backgrounds, control facts, instructions): recomputing it", p)
             return False
         if settings is not None and rec.get("settings", settings) != settings:
-            log.warning("%s: the settings or the scoring code this stage depends on changed since it ran (an "
-                        "edited config default, a scorer fix?): recomputing it", p)
+            log.warning("%s: the settings or the code this stage depends on changed since it ran (an edited "
+                        "config default, a fix to a scorer, to EMBER or to the base method?): recomputing it", p)
             return False
         return rec.get("status") in ("complete", "skipped", "failed")
 

@@ -58,6 +58,8 @@ class Method:
 
     name: str = ""
     defaults: dict[str, Any] = {}
+    #: modules besides its own whose code its results depend on (``code_versions.method_code_version``)
+    code_modules: tuple[str, ...] = ()
 
     def __init__(self, params: dict[str, Any] | None = None):
         params = dict(params or {})

@@ -230,6 +230,7 @@ FIT_KEYS = ("rank", "f_sparsity", "reg", "reg_tries", "max_iter", "stopping", "t
 @register_method
 class SNMF(Method):
     name = "snmf"
+    code_modules = ("ember.factorize", "ember.features")  # the Semi-NMF fit and the token labels
     defaults: dict[str, Any] = {
         "in_layers": [0.0, 0.32],  # inclusive range (ints or fractions of depth) edited on the up_proj side
         "in_delta": 1.0,  # 0 = no up_proj edit
@@ -281,10 +282,12 @@ class SNMF(Method):
 
     def _layer_factors(self, ctx: MethodContext, layer: int, texts: list[str], n_concept: int, data_key: str,
                        fps: WeightFingerprints) -> dict[str, Any]:
+        from ember.code_versions import method_code_version
+
         p = self.params
         key = {"model": ctx.facts.name, "source": ctx.facts.source, "weights": fps.upstream_of_mlp(ctx.model, layer),
                "layer": layer, "data": data_key, "labels": p["occurrence_labels"], "max_length": p["max_length"],
-               "activation_dtype": p["activation_dtype"],
+               "activation_dtype": p["activation_dtype"], "code": method_code_version(self.name),
                "seed": ctx.seed, **{k: p[k] for k in FIT_KEYS}}
 
         def build() -> dict[str, Any]:
