@@ -99,6 +99,7 @@ def save_diff(path: Path, base: nn.Module, edited: nn.Module, max_gib: float | N
         log.warning("the erased weights would take %.1f GiB, more than save_erased_weights_max_gib=%g: not saved "
                     "(a relaunch that needs the erased model recomputes the erasure); raise "
                     "save_erased_weights_max_gib to keep them", size / 2**30, max_gib)
+        Path(path).unlink(missing_ok=True)  # an earlier erasure's file must not pass for this one
         return {"skipped": f"{size / 2**30:.1f} GiB > save_erased_weights_max_gib={max_gib:g}", "bytes": size}
     data = st_save(weight_diff(base, edited, changes))
     atomic_write_bytes(Path(path), data)

@@ -63,6 +63,7 @@ def test_a_difference_over_the_cap_is_not_saved(tiny, tmp_path, caplog):
     edited = _edit(tiny.model)
     estimate = _diff_bytes(edited, _changes(tiny.model, edited))
     path = tmp_path / "w.safetensors"
+    path.write_bytes(b"an earlier erasure's difference")
     rec = save_diff(path, tiny.model, edited, max_gib=(estimate - 1) / 2**30)
     assert "skipped" in rec and "file" not in rec and rec["bytes"] == estimate
     assert not path.exists() and "save_erased_weights_max_gib" in caplog.text
