@@ -29,6 +29,7 @@ from ember.data import ConceptData, ConceptStore, background_sentences
 from ember.errors import ConfigError, EmberError, ModelUnavailableError
 from ember.locking import atomic_write_json, atomic_write_text
 from ember.seeding import seed_everything
+from ember.stages import stages_wanted
 from ember.tracking import JobFiles, WandbLogger
 
 log = logging.getLogger("ember")
@@ -837,15 +838,6 @@ def _objective(results: dict[str, dict[str, Any]]) -> float | None:
     """The value a Hydra sweeper optimises: mean harmonic score over concepts."""
     h = [m.get("evaluate/harmonic") for m in results.values() if isinstance(m.get("evaluate/harmonic"), (int, float))]
     return float(sum(h) / len(h)) if h else None
-
-
-def stages_wanted(cfg: DictConfig) -> list[str]:
-    out = [s for s in cfg.stages if s != "features" or cfg.ember.enabled]
-    if not (cfg.attacks or {}).get("enabled"):
-        out = [s for s in out if s != "attacks"]
-    if cfg.relearn.name == "none":
-        out = [s for s in out if s != "relearn"]
-    return out
 
 
 def job_data_key(concept: ConceptData, store: ConceptStore, starter: ConceptStore) -> str:

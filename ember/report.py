@@ -4,8 +4,8 @@
 ``config.yaml`` below the directory is a job, and its ``<concept>/<stage>.json`` files are the
 results. Rows are (model, method, EMBER off/on, plus every override that varies across the jobs:
 ``ember.delta`` in ``experiment=ablation_delta``, ``ember.factorization.rank`` in ``ablation_rank``);
-columns are the paper's metrics, attack accuracies and the relearning results, as mean +- std over
-concepts and seeds; the best value of each column is bold. Only stages whose record says
+columns are the paper's metrics, attack accuracies and the relearning results, as mean +- std (the
+sample standard deviation; 0 for a single value) over concepts and seeds; the best value of each column is bold. Only stages whose record says
 ``"status": "complete"`` count: ``n`` is the number of (job, concept) pairs whose numbers are used,
 and a ``failed`` column (present when there are any) counts the pairs with a failed, skipped or
 otherwise unfinished stage, whose numbers for that stage are left out of the means.
@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ember.data import slugify
 from ember.evals.metrics import recovered_fraction
 
 COLUMNS = [  # (column, source key, higher is better; None: no best value)
@@ -100,8 +101,28 @@ def _ignored(key: str) -> bool:
     return any(key == p or key.startswith((p + ".", p + "/")) for p in IGNORED_OVERRIDES)
 
 
-def _config_value(cfg: DictConfig, key: str) -> Any:
-    """What a job without ``key`` among its overrides ran with (a config group: its name)."""
+def _choices(job: Path) -> dict[str, str]:
+    """The option Hydra chose in every config group of the job (``.hydra/hydra.yaml``; {} where absent)."""
+    try:
+        chosen = OmegaConf.load(job / ".hydra" / "hydra.yaml").hydra.runtime.choices
+    except Exception:  # no .hydra directory (hydra.output_subdir=null) or an unreadable file
+        return {}
+    # an unquoted on/off reads as a YAML bool (Hydra quotes them, a hand-edited file may not)
+    return {str(k): {True: "on", False: "off"}.get(v, str(v)) if isinstance(v, bool) else str(v)
+            for k, v in chosen.items() if v is not None}
+
+
+def _ember_label(enabled: bool, choice: str | None) -> str:
+    if not enabled:
+        return "w/o EMBER"
+    return "w/ EMBER" if choice in (None, "on") else f"w/ EMBER ({choice})"
+
+
+def _config_value(cfg: DictConfig, key: str, choices: dict[str, str] | None = None) -> Any:
+    """What a job without ``key`` among its overrides ran with: a config group's chosen option (its
+    ``name`` where the job has no record of the choice), else the value."""
+    if choices and key in choices:
+        return choices[key]
     v = OmegaConf.select(cfg, key.replace("/", "."), default=_MISSING)
     if v is _MISSING:
         return "-"
@@ -142,11 +163,25 @@ def _varying(jobs: pd.DataFrame, keys: list[str]) -> list[str]:
     return out
 
 
+def _wanted(cfg: DictConfig) -> list[str]:
+    """The stages the job writes a record for ([] for a hand-written config without the keys)."""
+    from ember.stages import stages_wanted
+
+    try:
+        return stages_wanted(cfg)
+    except Exception:
+        return []
+
+
 def collect(root: Path) -> pd.DataFrame:
     """One row per (job, concept) with the job's factors and the metrics of every complete stage.
 
-    ``<stage>/status`` holds each stage's status; ``failed_stages`` names the stages that did not complete
-    (and ``job`` when the concept raised, FAILED.txt). ``df.attrs["factors"]`` lists the varying overrides."""
+    Rows are labelled by the options Hydra chose (``method=rmu_paper_llama`` and ``method=rmu`` are two
+    methods; ``ember=paper`` is "w/ EMBER (paper)"). ``<stage>/status`` holds each stage's status;
+    ``failed_stages`` names the stages that did not complete, a wanted stage without a record
+    included, and ``job`` when the concept raised (FAILED.txt) or never ran (a job that failed before
+    it: results.json's failures, job_status.json). ``df.attrs["factors"]`` lists the varying overrides;
+    ``df.attrs["incomplete"]`` the (job, concept, stages) left out of some means."""
     rows, job_rows = [], []
     for cfg_path in sorted(Path(root).rglob("config.yaml")):
         job = cfg_path.parent
@@ -155,19 +190,23 @@ def collect(root: Path) -> pd.DataFrame:
         if job.name == ".hydra" or not (job / "meta.json").exists():
             continue
         cfg = OmegaConf.load(cfg_path)
-        factors_ = {"job": str(job.relative_to(root)), "model": cfg.model.name, "method": cfg.method.name,
-                    "ember": "w/ EMBER" if cfg.ember.enabled else "w/o EMBER", "seed": cfg.seed}
-        job_rows.append((factors_, cfg, _overrides(_read(job / "meta.json"))))
+        choices = _choices(job)
+        factors_ = {"job": str(job.relative_to(root)), "model": choices.get("model", cfg.model.name),
+                    "method": choices.get("method", cfg.method.name),
+                    "ember": _ember_label(bool(cfg.ember.enabled), choices.get("ember")), "seed": cfg.seed}
+        job_rows.append((factors_, cfg, _overrides(_read(job / "meta.json")), choices))
+        wanted = _wanted(cfg)
+        n_before = len(rows)
         for concept_dir in sorted(p for p in job.iterdir() if p.is_dir() and not p.name.startswith((".", "wandb"))):
             row: dict[str, Any] = {**factors_, "concept": concept_dir.name}
             bad = ["job"] if (concept_dir / "FAILED.txt").exists() else []
-            seen = bool(bad)
+            written = set()
             for stage_file in sorted(concept_dir.glob("*.json")):
                 rec = _read(stage_file)
                 if not isinstance(rec, dict) or not rec:
                     continue
                 stage = stage_file.stem
-                seen = True
+                written.add(stage)
                 if "status" in rec:
                     row[f"{stage}/status"] = rec["status"]
                 if not _complete(rec):  # a failed/diverged/skipped stage's numbers are no result
@@ -187,19 +226,33 @@ def collect(root: Path) -> pd.DataFrame:
                             row[f"attacks/{name}_{col}"] = a[k]
                     if a.get("reference_scorer"):
                         row[f"attacks/{name}_scorer"] = str(a["reference_scorer"])
+            if not written and not bad:
+                continue  # not a concept directory (no stage record, no failure)
+            bad += [s for s in wanted if s not in written and s not in bad]  # killed before writing it
             row["failed_stages"] = ",".join(bad)
-            if seen:
-                rows.append(row)
+            rows.append(row)
+        # concepts that never got a directory: the job failed before them (a model that did not load, a
+        # setting error that skipped the rest), as results.json or job_status.json say
+        have = {r["concept"] for r in rows[n_before:]}
+        failures = (_read(job / "results.json") or {}).get("failures") or {}
+        missing = [slugify(c) for c in failures if slugify(c) not in have]
+        status = (_read(job / "job_status.json") or {}).get("status")
+        if not missing and len(rows) == n_before and status != "complete":
+            missing = ["-"]  # nothing at all to show for this job
+        rows += [{**factors_, "concept": c, "failed_stages": "job"} for c in missing]
     df = pd.DataFrame(rows)
     extra: list[str] = []
     if job_rows and not df.empty:
-        keys = sorted({k for _, _, ov in job_rows for k in ov})
-        jobs = pd.DataFrame([{**f, **{k: _scalar(ov[k]) if k in ov else _scalar(_config_value(cfg, k)) for k in keys}}
-                             for f, cfg, ov in job_rows])
+        keys = sorted({k for _, _, ov, _ in job_rows for k in ov} - set(BASE_FACTORS))  # those are labelled apart
+        jobs = pd.DataFrame([{**f, **{k: _scalar(ov[k]) if k in ov else _scalar(_config_value(cfg, k, ch))
+                                      for k in keys}} for f, cfg, ov, ch in job_rows])
         extra = _varying(jobs, keys)
         if extra:
             df = df.merge(jobs[["job", *extra]], on="job", how="left")
     df.attrs["factors"] = extra
+    if not df.empty and "failed_stages" in df:
+        bad_rows = df[df["failed_stages"].fillna("") != ""]
+        df.attrs["incomplete"] = [(r["job"], r["concept"], r["failed_stages"]) for _, r in bad_rows.iterrows()]
     return df
 
 
@@ -207,7 +260,7 @@ def _mean_std(s: pd.Series) -> tuple[float, float]:
     s = pd.to_numeric(s, errors="coerce").dropna()
     if s.empty:
         return math.nan, math.nan
-    return float(s.mean()), float(s.std(ddof=0)) if len(s) > 1 else 0.0
+    return float(s.mean()), float(s.std(ddof=1)) if len(s) > 1 else 0.0  # the sample standard deviation
 
 
 def attack_names(df: pd.DataFrame) -> list[str]:
@@ -275,7 +328,9 @@ def _relearn_curves(root: Path, df: pd.DataFrame) -> list[tuple[str, str, pd.Dat
     for p in sorted(Path(root).rglob("relearn_curve.csv")):
         job = str(p.parent.parent.relative_to(root))
         rec = _read(p.parent / "relearn.json") or {}
-        if job not in jobs or not _complete(rec):  # a diverged relearning is no curve
+        # a diverged relearning is no curve, nor one whose record is missing (killed between the two
+        # writes, or a stale stage being recomputed: the curve would be paired with other metrics)
+        if job not in jobs or not rec or not _complete(rec):
             continue
         c = pd.read_csv(p)
         if "epoch" in c and "qa_acc" in c:
@@ -454,6 +509,11 @@ def build_report(root: Path, out: Path | None = None) -> dict[str, Any]:
     df.to_csv(out / "rows.csv", index=False)
     table.to_csv(out / "report.csv", index=False)
     md = render(table)
+    incomplete = df.attrs.get("incomplete") or []
+    if incomplete:
+        md += ("\nLeft out of the means of the stages named (failed, skipped, unfinished, or a concept the job "
+               "never reached):\n\n" + "\n".join(f"- {job} / {concept}: {stages}" for job, concept, stages in incomplete)
+               + "\n")
     (out / "report.md").write_text(md)
     (out / "report.tex").write_text(render(table, latex=True))
     extra = {"attacks": attack_table(df), "relearn": relearn_table(root, df)}

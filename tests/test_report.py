@@ -38,6 +38,7 @@ def _job(root, name: str, ember: bool, attacks: dict[str, tuple[float, float, fl
     _stage(concept, "attacks", metrics, attacks=per_attack)
     pd.DataFrame({"epoch": range(len(curve)), "qa_acc": curve, "retain_acc": [0.8] * len(curve)}).to_csv(
         concept / "relearn_curve.csv", index=False)
+    _stage(concept, "relearn", {"relearn_acc": curve[-1]})
 
 
 def test_attack_and_relearning_tables(tmp_path) -> None:
@@ -153,3 +154,53 @@ def test_relearn_control_and_recovered(tmp_path) -> None:
     assert rel.control_qa_acc.tolist() == [0.7, 0.9]
     assert rel.recovered.round(6).tolist() == [0.0, 0.5]  # (0.5 - 0.3) / (0.7 - 0.3) after the last epoch
     assert str(tmp_path / "out" / "relearn_curves.png") in res["plots"]
+
+
+def _choices(job: Path, **chosen: str) -> None:
+    """The option Hydra chose per config group, as a real job's .hydra/hydra.yaml records it."""
+    (job / ".hydra").mkdir(parents=True, exist_ok=True)
+    lines = ["hydra:", "  runtime:", "    choices:"] + [f"      {g}: {o}" for g, o in chosen.items()]
+    (job / ".hydra" / "hydra.yaml").write_text("\n".join(lines) + "\n")
+
+
+def test_rows_are_the_options_hydra_chose_not_the_sections_names(tmp_path) -> None:
+    """relearn=short and relearn=full both have name: full, rmu_paper_llama's name is rmu, ember=paper is
+    enabled like ember=on: each was once averaged into one row with its twin."""
+    jobs = {"a": ("rmu", "on", "short", []), "b": ("rmu", "on", "full", ["relearn=full"]),
+            "c": ("rmu", "paper", "short", ["ember=paper"]), "d": ("rmu_paper_llama", "on", "short",
+                                                                    ["method=rmu_paper_llama"])}
+    for name, (method, ember, relearn, overrides) in jobs.items():
+        job = tmp_path / name
+        _config(job, True, method="rmu", overrides=overrides)
+        _choices(job, model="m", method=method, ember=ember, relearn=relearn)
+        _stage(job / "A", "evaluate", {"efficacy": 0.1 * (ord(name) - 96)})
+    build_report(tmp_path, tmp_path / "out")
+    table = pd.read_csv(tmp_path / "out" / "report.csv")
+    assert len(table) == 4 and (table["n"] == 1).all()
+    got = {(r.method, r.ember, r.relearn): round(r.efficacy, 6) for r in table.itertuples()}
+    assert got == {("rmu", "w/ EMBER", "short"): 0.1, ("rmu", "w/ EMBER", "full"): 0.2,
+                   ("rmu", "w/ EMBER (paper)", "short"): 0.3, ("rmu_paper_llama", "w/ EMBER", "short"): 0.4}
+
+
+def test_jobs_and_stages_that_never_finished_are_counted_and_named(tmp_path) -> None:
+    """A job that failed before any concept ran, a concept it never reached, and a stage a kill left
+    unwritten all count as failed and are named in the report; none vanishes."""
+    dead = tmp_path / "dead"
+    _config(dead, True)
+    (dead / "job_status.json").write_text(json.dumps({"status": "failed", "error": "ConfigError: relearn"}))
+    half = tmp_path / "half"
+    _config(half, True)
+    (half / "config.yaml").write_text((half / "config.yaml").read_text() + "stages: [baseline, evaluate, relearn]\n"
+                                      "attacks: {enabled: []}\nrelearn: {name: full}\n")
+    _stage(half / "Harry_Potter", "baseline", {})
+    _stage(half / "Harry_Potter", "evaluate", {"efficacy": 0.5})  # relearn.json never written
+    pd.DataFrame({"epoch": [0, 1], "qa_acc": [0.3, 0.6]}).to_csv(half / "Harry_Potter" / "relearn_curve.csv")
+    (half / "results.json").write_text(json.dumps({"failures": {"Star Wars": "not run: ConfigError"}}))
+    res = build_report(tmp_path, tmp_path / "out")
+    rows = pd.read_csv(tmp_path / "out" / "rows.csv").fillna("")
+    assert sorted(zip(rows.job, rows.concept, rows.failed_stages, strict=True)) == [
+        ("dead", "-", "job"), ("half", "Harry_Potter", "relearn"), ("half", "Star_Wars", "job")]
+    row = pd.read_csv(tmp_path / "out" / "report.csv").iloc[0]
+    assert row.n == 1 and row.failed == 3 and row.efficacy == 0.5
+    assert "half / Star_Wars: job" in res["markdown"] and "dead / -: job" in res["markdown"]
+    assert not (tmp_path / "out" / "report_relearn.csv").exists()  # a curve without its record is no result

@@ -84,8 +84,9 @@ def test_multirun_2x2_job_dirs_summary_and_report(sweep2x2):
         assert (sweep / name).exists(), name
     table = pd.read_csv(sweep / "report.csv")
     assert len(table) == 4
+    # rows are the options chosen: method=ga_fast (the test configs' GA, method.name ga)
     assert {(m, e) for m, e in zip(table["method"], table["ember"], strict=True)} == {
-        ("none", "w/ EMBER"), ("none", "w/o EMBER"), ("ga", "w/ EMBER"), ("ga", "w/o EMBER")}
+        ("none", "w/ EMBER"), ("none", "w/o EMBER"), ("ga_fast", "w/ EMBER"), ("ga_fast", "w/o EMBER")}
     assert (table["n"] == 1).all()
     for col in ("efficacy", "specificity", "coherence", "harmonic"):
         assert col in table.columns and table[col].notna().all(), col
