@@ -738,6 +738,8 @@ BENCHES: dict[str, Callable[[BenchOptions], list[Row]]] = {
 
 #: run by a plain `make bench` only where a GPU is present; on a CPU ask for it with --only paper_scale
 GPU_ONLY = {"paper_scale"}
+#: the benchmarks that read the paper's concept data (RELEASE)
+NEEDS_RELEASE = {"factorization", "mc", "gemma_memory", "paper_scale"}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -843,6 +845,9 @@ def main() -> None:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"--only {','.join(unknown)}: unknown; choose from {','.join(BENCHES)}")
+    if NEEDS_RELEASE & set(names) and not (RELEASE / "concept_sentences.json").exists():
+        ap.error(f"{', '.join(sorted(NEEDS_RELEASE & set(names)))} read the paper's concept data, which is not at "
+                 f"{RELEASE}: put ember-release at ../shared/ember-release or set EMBER_RELEASE_DIR")
     t0 = time.perf_counter()
     rows: list[Row] = []
     for n in names:

@@ -39,6 +39,8 @@ def main() -> None:
     ap.add_argument("--release-dir", type=Path, default=ROOT.parent / "shared" / "ember-release")
     args = ap.parse_args()
     out: Path = args.out
+    if not (args.release_dir / "concept_sentences.json").exists():  # before the old bundle is removed
+        sys.exit(f"--release-dir {args.release_dir}: no concept_sentences.json there; point it at ember-release")
     if out.exists():  # the release copy keeps its read-only modes: make them writable to remove it
         for p in out.rglob("*"):
             p.chmod(p.stat().st_mode | 0o700 if p.is_dir() else p.stat().st_mode | 0o600)
@@ -47,8 +49,6 @@ def main() -> None:
         source = model_preset(preset).tokenizer_from
         tok = load_model(model_preset(source), tokenizer_only=True).tokenizer
         tok.save_pretrained(out / "tokenizers" / source)
-    if not (args.release_dir / "concept_sentences.json").exists():
-        sys.exit(f"--release-dir {args.release_dir}: no concept_sentences.json there; point it at ember-release")
     shutil.copytree(args.release_dir, out / "release")
     pins = [f"{name}=={metadata.version(name)}" for name in WHEELS]
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--wheel-dir", str(out / "wheels"), *pins],

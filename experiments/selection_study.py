@@ -853,6 +853,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     for noisy in ("httpx", "sentence_transformers", "transformers", "ember"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    if not (RELEASE / "concept_sentences.json").exists():
+        raise SystemExit(f"the study reads the paper's concept data, which is not at {RELEASE}: put ember-release at "
+                         "../shared/ember-release or set EMBER_RELEASE_DIR")
     points = Points(OUT / "points.jsonl")
     if not args.report_only:
         cache = ArtifactCache(Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember")))
@@ -868,7 +871,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 run_model(m, cs, args.quick, points, cache)
             log.info("%s done in %.1fs", m, time.perf_counter() - t0)
     if not args.no_report:
-        write_report(current_rows(points.rows, data_tags({r["concept"] for r in points.rows if "concept" in r})), DOCS)
+        rows = current_rows(points.rows, data_tags({r["concept"] for r in points.rows if "concept" in r}))
+        if not rows:  # a fresh clone has no outputs/study: keep the committed tables rather than blank them
+            raise SystemExit(f"no points measured on the current data in {points.path}: nothing to report "
+                             f"(run the study first; {DOCS} is left as it is)")
+        write_report(rows, DOCS)
 
 
 def data_tags(labels: set[str]) -> dict[str, str]:

@@ -55,3 +55,18 @@ def test_the_data_tag_follows_every_text_a_point_reads(tmp_path: Path) -> None:
     general = json.loads((root / "general_text.json").read_text())
     (root / "general_text.json").write_text(json.dumps(general[1:]))  # the general background lost a sentence
     assert tag() != second
+
+
+def test_report_only_without_points_leaves_the_committed_tables_alone(tmp_path: Path, monkeypatch) -> None:
+    """A fresh clone has no outputs/study: --report-only used to rewrite docs/study as empty tables."""
+    import pytest
+
+    study = _study()
+    docs = tmp_path / "docs"
+    docs.mkdir()
+    (docs / "results.md").write_text("the committed tables\n")
+    monkeypatch.setattr(study, "OUT", tmp_path / "outputs")
+    monkeypatch.setattr(study, "DOCS", docs)
+    with pytest.raises(SystemExit, match="nothing to report"):
+        study.main(["--report-only"])
+    assert (docs / "results.md").read_text() == "the committed tables\n" and not (docs / "points.csv").exists()
