@@ -3,23 +3,44 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-from filelock import FileLock
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
 
 
 @contextmanager
-def cache_lock(path: Path, timeout: float = 3600) -> Iterator[None]:
-    """Hold an exclusive lock named after ``path`` (``<path>.lock`` beside it)."""
+def cache_lock(path: Path, timeout: float | None = None, say_every: float = 300) -> Iterator[None]:
+    """Hold an exclusive lock named after ``path`` (``<path>.lock`` beside it).
+
+    Without ``timeout`` it waits as long as the holder builds (a delta grid on an 8B model can take
+    hours; the lock is released if the holder dies), logging every ``say_every`` seconds."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with FileLock(str(path) + ".lock", timeout=timeout):
+    lock = FileLock(str(path) + ".lock")
+    waited = 0.0
+    while True:
+        step = say_every if timeout is None else min(say_every, max(timeout - waited, 0.0))
+        try:
+            lock.acquire(timeout=step)
+            break
+        except Timeout:
+            waited += step
+            if timeout is not None and waited >= timeout:
+                raise
+            log.info("waiting for %s: another job is building it (%.0f s so far)", path, waited)
+    try:
         yield
+    finally:
+        lock.release()
 
 
 def _default_file_mode() -> int:
@@ -65,3 +86,31 @@ def _json_default(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+@contextmanager
+def job_lock(job_dir: Path) -> Iterator[None]:
+    """Run a job directory in one process at a time: a second launch into it (a relaunched sweep whose
+    Slurm array is still running, an overlapping command) stops at once, saying who holds it. The lock
+    is released when the holder exits, however it exits."""
+    from ember.errors import EmberError
+
+    job_dir = Path(job_dir)
+    job_dir.mkdir(parents=True, exist_ok=True)
+    lock, holder = FileLock(str(job_dir / ".running.lock")), job_dir / ".running.json"
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        try:
+            who = json.loads(holder.read_text())
+        except (OSError, ValueError):
+            who = {}
+        raise EmberError(f"{job_dir} is being run by another process ({who or 'unknown holder'}): let it finish, "
+                         "or stop it and relaunch (finished stages are kept)") from None
+    try:
+        atomic_write_json(holder, {"pid": os.getpid(), "host": os.uname().nodename,
+                                   "slurm_job_id": os.environ.get("SLURM_JOB_ID"), "since": time.time()})
+        yield
+    finally:
+        holder.unlink(missing_ok=True)
+        lock.release()

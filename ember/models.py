@@ -382,7 +382,7 @@ def _load_tokenizer_only(cfg: Any, cache_root: Path) -> Any:
 
 def load_model(cfg: Any, cache_root: Path | None = None, tokenizer_only: bool = False) -> LoadedModel:
     """Load the model a ``model=`` config describes; see the module docstring."""
-    cache_root = Path(cache_root) if cache_root else default_cache_root()
+    cache_root = Path(cache_root).expanduser() if cache_root else default_cache_root()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     if cfg.source not in MODEL_SOURCES:
         raise ConfigError(f"model.source='{cfg.source}' unknown; choose one of {sorted(MODEL_SOURCES)}")

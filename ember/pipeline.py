@@ -27,7 +27,7 @@ from ember.cache import ArtifactCache
 from ember.config import validate_against_model
 from ember.data import ConceptData, ConceptStore, background_sentences
 from ember.errors import ConfigError, EmberError, ModelUnavailableError
-from ember.locking import atomic_write_json, atomic_write_text
+from ember.locking import atomic_write_json, atomic_write_text, job_lock
 from ember.seeding import seed_everything
 from ember.stages import stages_wanted
 from ember.tracking import JobFiles, WandbLogger
@@ -176,7 +176,7 @@ class ConceptRun:
         from ember.evals.baseline import BaselineCache
 
         t0 = time.perf_counter()
-        bc = BaselineCache(Path(self.cfg.cache_dir))
+        bc = BaselineCache(Path(self.cfg.cache_dir).expanduser())
         res = {}
         for split in ("train", "test"):
             res[split] = bc.get_or_compute(
@@ -746,14 +746,21 @@ def format_results(results: dict[str, dict[str, Any]]) -> str:
 
 
 def run_job(cfg: DictConfig) -> float | None:
-    from ember.models import load_model
-    from ember.preflight import preflight, warn_fp16_overflow
+    from ember.preflight import preflight
 
     t_job = time.perf_counter()
     checked = preflight(cfg)
+    out = job_dir()
+    with job_lock(out):  # a relaunched sweep must not run a job that is still running elsewhere
+        return _run_locked(cfg, checked, out, t_job)
+
+
+def _run_locked(cfg: DictConfig, checked: Any, out: Path, t_job: float) -> float | None:
+    from ember.models import load_model
+    from ember.preflight import warn_fp16_overflow
+
     store, starter, concepts = checked.store, checked.starter, checked.concepts
     names = [c.name for c in concepts]
-    out = job_dir()
     files = JobFiles(out)
     files.write_meta(cfg, job_overrides())
     log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
@@ -770,16 +777,21 @@ def run_job(cfg: DictConfig) -> float | None:
             files.failure_path(c.slug).unlink(missing_ok=True)  # an earlier launch's
         return _finish_job(cfg, out, logger, results, {}, t_job, nothing_run=True)
     seed_everything(cfg.seed)
-    lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir))
-    validate_against_model(cfg, lm.facts.d_model)
-    warn_fp16_overflow(lm.facts.family, cfg.model.dtype)
-    if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
-        from ember.attacks.relearn import check_lora_targets, check_relearn_memory
+    try:
+        lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir).expanduser())
+        validate_against_model(cfg, lm.facts.d_model)
+        warn_fp16_overflow(lm.facts.family, cfg.model.dtype)
+        if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
+            from ember.attacks.relearn import check_lora_targets, check_relearn_memory
 
-        if cfg.relearn.name == "lora":
-            check_lora_targets(lm.model, list(cfg.relearn.lora_targets))
-        check_relearn_memory(lm.model, OmegaConf.to_container(cfg.relearn, resolve=True), bool(cfg.model.master_weights))
-    cache = ArtifactCache(Path(cfg.cache_dir))
+            if cfg.relearn.name == "lora":
+                check_lora_targets(lm.model, list(cfg.relearn.lora_targets))
+            check_relearn_memory(lm.model, OmegaConf.to_container(cfg.relearn, resolve=True),
+                                 bool(cfg.model.master_weights))
+    except BaseException:
+        logger.finish(1)  # the W&B run says the job failed, not "finished" at exit
+        raise
+    cache = ArtifactCache(Path(cfg.cache_dir).expanduser())
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     for i, concept in enumerate(concepts):

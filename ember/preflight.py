@@ -69,7 +69,7 @@ def peek_model_config(cfg: DictConfig) -> dict[str, int]:
     elif m.source == "packaged":
         from ember.models import _float_cache_dir
 
-        p = _float_cache_dir(m, Path(cfg.cache_dir)) / "config.json"
+        p = _float_cache_dir(m, Path(cfg.cache_dir).expanduser()) / "config.json"
         if not p.exists():  # a fresh machine: the converted copy is made at load; the GGUF header knows
             return packaged_gguf_config(m)
         c = json.loads(p.read_text())
@@ -195,7 +195,7 @@ def preflight(cfg: DictConfig) -> Checked:
 
     _resolve_all(cfg)
     validate(cfg)
-    _check_cache_dir(Path(cfg.cache_dir))
+    _check_cache_dir(Path(cfg.cache_dir).expanduser())
     params: Any = OmegaConf.to_container(cfg.method.params, resolve=True)
     get_method(cfg.method.name, params)
     enabled = list((cfg.attacks or {}).get("enabled", []) or [])

@@ -502,3 +502,24 @@ def test_diverging_method_and_relearning_end_their_stage_and_the_sweep_goes_on(t
                             "relearn.lr=1e30", f"hydra.sweep.dir={sweep}"], jobs.make_cache(tmp_path / "cache"),
                            multirun=True, timeout=300)
     assert again.stdout.count("every stage of every concept is complete") == 2
+
+
+def test_a_job_directory_runs_in_one_process_at_a_time(tmp_path):
+    """A relaunched sweep whose first launch still runs (a Slurm array outliving its login-node process) must
+    not run the same job twice at once: the second launch stops at once, naming the holder."""
+    from ember.errors import EmberError
+    from ember.locking import job_lock
+
+    job = tmp_path / "job"
+    with job_lock(job):
+        assert json.loads((job / ".running.json").read_text())["pid"] == os.getpid()
+        with pytest.raises(EmberError, match="being run by another process"):
+            with job_lock(job):
+                pass
+        proc = jobs.run_ember(["stages=[baseline]", f"hydra.run.dir={job}"], jobs.make_cache(tmp_path / "cache"),
+                              check=False)
+        assert proc.returncode != 0 and "being run by another process" in proc.stdout + proc.stderr
+        assert not (job / "results.json").exists()
+    assert not (job / ".running.json").exists()
+    with job_lock(job):  # released: the next launch runs
+        pass
