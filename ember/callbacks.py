@@ -108,6 +108,10 @@ def write_sweep_status(sweep_dir: Path) -> dict[str, list[str]]:
 class SweepSummary(Callback):
     def __init__(self) -> None:
         self._sweep_dirs: list[Path] = []  # the jobs' own sweep directories (those run in this process)
+        self._started = 0.0
+
+    def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        self._started = time.time()
 
     def on_job_end(self, config: DictConfig, job_return: Any, **kwargs: Any) -> None:
         """Record this job's outcome in its directory and refresh the sweep's summary."""
@@ -130,7 +134,12 @@ class SweepSummary(Callback):
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
         main = Path(config.hydra.sweep.dir)
-        has_jobs = {d: bool(job_dirs(d)) for d in [main, *self._sweep_dirs]}  # one directory scan each
+        # jobs run by joblib workers or on Slurm nodes recorded their sweep directories in their own copy of
+        # this callback: find them by the summaries they wrote during this sweep (a sweep over experiment=)
+        elsewhere = [p.parent for p in main.parent.glob("*/sweep_status.json")
+                     if self._started and p.stat().st_mtime >= self._started]
+        dirs = list(dict.fromkeys([main, *self._sweep_dirs, *sorted(elsewhere)]))
+        has_jobs = {d: bool(job_dirs(d)) for d in dirs}  # one directory scan each
         for sweep_dir in has_jobs:
             if sweep_dir == main and not has_jobs[main] and len(has_jobs) > 1:
                 continue  # a sweep over experiment=: the jobs went to each experiment's directory

@@ -565,7 +565,8 @@ def test_a_relaunch_of_a_finished_job_repairs_its_files_and_fills_wandb(tmp_path
     assert not run["history_keys"] - {"_runtime", "_timestamp", "_step"}  # replayed, not logged as new steps
 
 
-def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("workers", [False, True])
+def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path, monkeypatch, capsys, workers):
     """Hydra's sweep directory is the primary config's outputs/<experiment_name>, but a swept experiment= sends
     each job to its own experiment's directory: the end-of-sweep summary lists those, not an empty one."""
     from hydra.core.utils import JobReturn, JobStatus
@@ -576,6 +577,7 @@ def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path
 
     monkeypatch.chdir(tmp_path)
     cb = SweepSummary()
+    cb.on_multirun_start(OmegaConf.create({}))
     for exp in ("smoke", "ablation_rank"):
         job = tmp_path / "outputs" / exp / "x" / "seed=42"
         (job / ".hydra").mkdir(parents=True)
@@ -583,7 +585,8 @@ def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path
         cfg = OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "runtime": {"output_dir": str(job)},
                                           "sweep": {"dir": f"outputs/{exp}"}}})
         ret = JobReturn(overrides=[f"experiment={exp}"], status=JobStatus.COMPLETED)
-        cb.on_job_end(cfg, ret)
+        # under joblib or submitit each job ends in a worker's own copy of the callback, not the submitter's
+        (SweepSummary() if workers else cb).on_job_end(cfg, ret)
     cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "outputs/main"}}}))
     out = capsys.readouterr().out
     assert "sweep outputs/smoke: 1 ok" in out and "sweep outputs/ablation_rank: 1 ok" in out, out
