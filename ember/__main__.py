@@ -15,7 +15,7 @@ from omegaconf import DictConfig
 
 import ember.config  # noqa: F401  (registers the schemas and resolvers)
 from ember.callbacks import record_job_status
-from ember.errors import EmberError
+from ember.errors import EmberError, JobBusyError
 from ember.paths import CONF_DIR
 
 log = logging.getLogger("ember")
@@ -40,8 +40,9 @@ def main(cfg: DictConfig) -> float | None:
         if hc.mode == RunMode.MULTIRUN:
             raise  # recorded by Hydra and by the sweep summary; the other jobs go on
         # a clean exit code instead of Hydra's traceback; Hydra calls no on_job_end for SystemExit,
-        # so the job's failure is recorded here
-        record_job_status(Path(hc.runtime.output_dir), f"{type(exc).__name__}: {exc}", list(hc.overrides.task))
+        # so the job's failure is recorded here (not a refused launch's: the running process records it)
+        if not isinstance(exc, JobBusyError):
+            record_job_status(Path(hc.runtime.output_dir), f"{type(exc).__name__}: {exc}", list(hc.overrides.task))
         raise SystemExit(2) from None
 
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra.experimental.callback import Callback
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("ember")
 
@@ -119,9 +119,13 @@ class SweepSummary(Callback):
         from hydra.types import RunMode
 
         try:
+            from ember.errors import JobBusyError
+
             job = Path(config.hydra.runtime.output_dir)
             failed = job_return.status == JobStatus.FAILED
             exc = getattr(job_return, "_return_value", None) if failed else None
+            if isinstance(exc, JobBusyError):
+                return  # another process runs this job and records how it ends
             error = (f"{type(exc).__name__}: {exc}" if exc is not None else "unknown error") if failed else None
             record_job_status(job, error, list(job_return.overrides or []))
             if config.hydra.mode == RunMode.MULTIRUN:
@@ -136,8 +140,10 @@ class SweepSummary(Callback):
         main = Path(config.hydra.sweep.dir)
         # jobs run by joblib workers or on Slurm nodes recorded their sweep directories in their own copy of
         # this callback: find them by the summaries they wrote during this sweep (a sweep over experiment=)
-        elsewhere = [p.parent for p in main.parent.glob("*/sweep_status.json")
-                     if self._started and p.stat().st_mtime >= self._started]
+        swept = [v for o in (OmegaConf.select(config, "hydra.overrides.task") or []) if str(o).startswith("experiment=")
+                 for v in str(o).split("=", 1)[1].split(",")]  # each experiment's name is its directory's
+        elsewhere = [main.parent / e for e in swept if self._started and (main.parent / e / "sweep_status.json").exists()
+                     and (main.parent / e / "sweep_status.json").stat().st_mtime >= self._started]
         dirs = list(dict.fromkeys([main, *self._sweep_dirs, *sorted(elsewhere)]))
         has_jobs = {d: bool(job_dirs(d)) for d in dirs}  # one directory scan each
         for sweep_dir in has_jobs:

@@ -33,6 +33,11 @@ def erasure_code_version() -> str:
     return source_digest([factorize, features, llm_selector, edit, delta])
 
 
+def job_erasure_code(ember_enabled: bool) -> str:
+    """EMBER's digest for a job: an EMBER fix leaves ``ember=off`` jobs (and their method grids) be."""
+    return erasure_code_version() if ember_enabled else "ember off"
+
+
 @functools.cache
 def method_code_version(name: str) -> str:
     """A base method (``method.name``): its module and those it declares (``Method.code_modules``: SNMF's

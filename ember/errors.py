@@ -19,3 +19,7 @@ class ModelUnavailableError(EmberError, OSError):
 
 class TrainingDivergedError(EmberError, RuntimeError):
     """A training stage produced a NaN or exploding loss."""
+
+
+class JobBusyError(EmberError):
+    """The job directory is being run by another process; its status is that process's to record."""

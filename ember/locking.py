@@ -93,7 +93,7 @@ def job_lock(job_dir: Path) -> Iterator[None]:
     """Run a job directory in one process at a time: a second launch into it (a relaunched sweep whose
     Slurm array is still running, an overlapping command) stops at once, saying who holds it. The lock
     is released when the holder exits, however it exits."""
-    from ember.errors import EmberError
+    from ember.errors import JobBusyError
 
     job_dir = Path(job_dir)
     job_dir.mkdir(parents=True, exist_ok=True)
@@ -105,7 +105,7 @@ def job_lock(job_dir: Path) -> Iterator[None]:
             who = json.loads(holder.read_text())
         except (OSError, ValueError):
             who = {}
-        raise EmberError(f"{job_dir} is being run by another process ({who or 'unknown holder'}): let it finish, "
+        raise JobBusyError(f"{job_dir} is being run by another process ({who or 'unknown holder'}): let it finish, "
                          "or stop it and relaunch (finished stages are kept)") from None
     try:
         atomic_write_json(holder, {"pid": os.getpid(), "host": os.uname().nodename,

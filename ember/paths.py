@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -10,6 +12,21 @@ PKG_DIR = Path(__file__).resolve().parent
 PROJECT_ROOT = PKG_DIR.parent
 CONF_DIR = PROJECT_ROOT / "conf"
 STARTER_DIR = PKG_DIR / "data" / "starter"
+#: the paper's concept data as the experiment scripts read it (jobs use ``data.release_dir``)
+SCRIPT_RELEASE_DIR = Path(os.environ.get("EMBER_RELEASE_DIR", str(PROJECT_ROOT.parent / "shared" / "ember-release")))
+
+
+def cache_root(cfg: Any) -> Path:
+    """The job's ``cache_dir`` with ``~`` expanded (a quoted ``cache_dir='~/x'`` is not expanded by the shell)."""
+    return Path(str(cfg.cache_dir)).expanduser()
+
+
+def require_script_release(what: str) -> Path:
+    """:data:`SCRIPT_RELEASE_DIR`, or exit naming where it was looked for and how to point elsewhere."""
+    if not (SCRIPT_RELEASE_DIR / "concept_sentences.json").exists():
+        raise SystemExit(f"{what} the paper's concept data, which is not at {SCRIPT_RELEASE_DIR}: put ember-release "
+                         "at ../shared/ember-release or set EMBER_RELEASE_DIR")
+    return SCRIPT_RELEASE_DIR
 
 
 def project_root() -> str:

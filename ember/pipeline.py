@@ -28,6 +28,7 @@ from ember.config import validate_against_model
 from ember.data import ConceptData, ConceptStore, background_sentences
 from ember.errors import ConfigError, EmberError, ModelUnavailableError
 from ember.locking import atomic_write_json, atomic_write_text, job_lock
+from ember.paths import cache_root
 from ember.seeding import seed_everything
 from ember.stages import stages_wanted
 from ember.tracking import JobFiles, WandbLogger
@@ -95,7 +96,7 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
     the job directory is named by the overrides only) or a code fix recomputes the stage instead of
     reusing it. The scoring code counts for every stage but the factorization; EMBER's code for the
     features stage and every stage after it; the base method's code from the erasure on."""
-    from ember.code_versions import erasure_code_version, method_code_version
+    from ember.code_versions import job_erasure_code, method_code_version
     from ember.evals.baseline import settings_hash
     from ember.evals.suite import scoring_code_version
 
@@ -110,7 +111,7 @@ def stage_settings_keys(cfg: DictConfig) -> dict[str, str]:
     # every stage but the factorization scores the model: a scorer fix recomputes it instead of setting
     # new numbers beside (or dividing them by) old ones
     scoring, method = scoring_code_version(), method_code_version(cfg.method.name)
-    erasure = erasure_code_version() if cfg.ember.enabled else "ember off"  # an EMBER fix leaves ember=off jobs be
+    erasure = job_erasure_code(bool(cfg.ember.enabled))
 
     def code(stage: str) -> dict[str, str]:
         if stage == "baseline":
@@ -176,7 +177,7 @@ class ConceptRun:
         from ember.evals.baseline import BaselineCache
 
         t0 = time.perf_counter()
-        bc = BaselineCache(Path(self.cfg.cache_dir).expanduser())
+        bc = BaselineCache(cache_root(self.cfg))
         res = {}
         for split in ("train", "test"):
             res[split] = bc.get_or_compute(
@@ -370,7 +371,7 @@ class ConceptRun:
 
     def _search_params(self, delta: float) -> tuple[dict[str, Any], dict[str, Any] | None]:
         """The paper's grid protocol for the base method (``method.search=quick|full``)."""
-        from ember.code_versions import erasure_code_version, method_code_version
+        from ember.code_versions import job_erasure_code, method_code_version
         from ember.evals.baseline import settings_hash
         from ember.evals.suite import enabled_parts, evaluate, relative
         from ember.search import method_cells, search
@@ -403,8 +404,7 @@ class ConceptRun:
             "edit": self._plan.token_ids.tolist() if self.cfg.ember.enabled and delta > 0 else [],
             "eval": OmegaConf.to_container(self.cfg.eval, resolve=True),
             "eval_data": self._train_eval_data(), "data": self.data_key,  # data: the texts each cell trains on
-            "code": [erasure_code_version() if self.cfg.ember.enabled else "ember off",
-                     method_code_version(self.cfg.method.name)]})
+            "code": [job_erasure_code(bool(self.cfg.ember.enabled)), method_code_version(self.cfg.method.name)]})
         res = search(method_cells(self.cfg.method), score_cell, None, self.cfg.method.retention_gate,
                      self.cfg.method.top_k_validate, out_dir, self._progress(), context=context,
                      skip=self.cfg.eval.gate_skip)
@@ -756,18 +756,26 @@ def run_job(cfg: DictConfig) -> float | None:
 
 
 def _run_locked(cfg: DictConfig, checked: Any, out: Path, t_job: float) -> float | None:
+    files = JobFiles(out)
+    files.write_meta(cfg, job_overrides())
+    log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
+    for c in checked.concepts:
+        log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
+    # opened before the model loads: a W&B setting that cannot work (online without a key) fails in a second
+    logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, [c.name for c in checked.concepts])
+    try:
+        return _run_logged(cfg, checked, out, t_job, files, logger)
+    except BaseException:
+        logger.finish(1)  # the W&B run says the job failed, not "finished" at exit (a no-op once finished)
+        raise
+
+
+def _run_logged(cfg: DictConfig, checked: Any, out: Path, t_job: float, files: JobFiles,
+                logger: WandbLogger) -> float | None:
     from ember.models import load_model
     from ember.preflight import warn_fp16_overflow
 
     store, starter, concepts = checked.store, checked.starter, checked.concepts
-    names = [c.name for c in concepts]
-    files = JobFiles(out)
-    files.write_meta(cfg, job_overrides())
-    log.info("== ember job ==\n%s\njob dir    %s", config_summary(cfg), out)
-    for c in concepts:
-        log.info("concept %-22s %s", c.name, ", ".join(f"{k}={v}" for k, v in c.stats().items()))
-    # opened before the model loads: a W&B setting that cannot work (online without a key) fails in a second
-    logger = WandbLogger(cfg, out, out.parent.name + "/" + out.name, names)
     settings_keys = stage_settings_keys(cfg)  # the job's config: the same for every concept
     if not cfg.overwrite and all(all_done(cfg, files, c, store, starter, settings_keys) for c in concepts):
         log.info("every stage of every concept is complete in %s (overwrite=true recomputes)", out)
@@ -777,21 +785,16 @@ def _run_locked(cfg: DictConfig, checked: Any, out: Path, t_job: float) -> float
             files.failure_path(c.slug).unlink(missing_ok=True)  # an earlier launch's
         return _finish_job(cfg, out, logger, results, {}, t_job, nothing_run=True)
     seed_everything(cfg.seed)
-    try:
-        lm = load_model(cfg.model, cache_root=Path(cfg.cache_dir).expanduser())
-        validate_against_model(cfg, lm.facts.d_model)
-        warn_fp16_overflow(lm.facts.family, cfg.model.dtype)
-        if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
-            from ember.attacks.relearn import check_lora_targets, check_relearn_memory
+    lm = load_model(cfg.model, cache_root=cache_root(cfg))
+    validate_against_model(cfg, lm.facts.d_model)
+    warn_fp16_overflow(lm.facts.family, cfg.model.dtype)
+    if "relearn" in stages_wanted(cfg):  # checked before any stage, not at the last one
+        from ember.attacks.relearn import check_lora_targets, check_relearn_memory
 
-            if cfg.relearn.name == "lora":
-                check_lora_targets(lm.model, list(cfg.relearn.lora_targets))
-            check_relearn_memory(lm.model, OmegaConf.to_container(cfg.relearn, resolve=True),
-                                 bool(cfg.model.master_weights))
-    except BaseException:
-        logger.finish(1)  # the W&B run says the job failed, not "finished" at exit
-        raise
-    cache = ArtifactCache(Path(cfg.cache_dir).expanduser())
+        if cfg.relearn.name == "lora":
+            check_lora_targets(lm.model, list(cfg.relearn.lora_targets))
+        check_relearn_memory(lm.model, OmegaConf.to_container(cfg.relearn, resolve=True), bool(cfg.model.master_weights))
+    cache = ArtifactCache(cache_root(cfg))
     results: dict[str, dict[str, Any]] = {}
     failures: dict[str, str] = {}
     for i, concept in enumerate(concepts):

@@ -21,6 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 from ember.config import validate, validate_against_model
 from ember.data import ConceptData, ConceptStore, open_store, starter_store
 from ember.errors import ConfigError, EmberError
+from ember.paths import cache_root
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,7 @@ def peek_model_config(cfg: DictConfig) -> dict[str, int]:
     elif m.source == "packaged":
         from ember.models import _float_cache_dir
 
-        p = _float_cache_dir(m, Path(cfg.cache_dir).expanduser()) / "config.json"
+        p = _float_cache_dir(m, cache_root(cfg)) / "config.json"
         if not p.exists():  # a fresh machine: the converted copy is made at load; the GGUF header knows
             return packaged_gguf_config(m)
         c = json.loads(p.read_text())
@@ -104,13 +105,9 @@ def warn_large_model_on_cpu(cfg: DictConfig) -> bool:
     return False
 
 
-#: model families whose activations are known to overflow float16 (train and run them in bfloat16)
-FP16_OVERFLOWS = ("gemma", "gemma2", "gemma3", "gemma3_text")
-
-
 def warn_fp16_overflow(family: str, dtype: str) -> bool:
-    """Say so when a Gemma model (activations beyond float16's range) is run in float16."""
-    if dtype == "float16" and family in FP16_OVERFLOWS:
+    """Say so when a Gemma model (every family: activations beyond float16's range) is run in float16."""
+    if dtype == "float16" and family.startswith("gemma"):
         log.warning("model.dtype=float16 on a %s model: Gemma's activations overflow float16 (inf/NaN scores); "
                     "use model.dtype=bfloat16 or float32", family)
         return True
@@ -195,7 +192,7 @@ def preflight(cfg: DictConfig) -> Checked:
 
     _resolve_all(cfg)
     validate(cfg)
-    _check_cache_dir(Path(cfg.cache_dir).expanduser())
+    _check_cache_dir(cache_root(cfg))
     params: Any = OmegaConf.to_container(cfg.method.params, resolve=True)
     get_method(cfg.method.name, params)
     enabled = list((cfg.attacks or {}).get("enabled", []) or [])

@@ -31,6 +31,7 @@ from typing import Any
 import pandas as pd
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from ember.callbacks import JOB_STATUS
 from ember.data import slugify
 from ember.evals.metrics import recovered_fraction
 
@@ -49,8 +50,11 @@ COLUMNS = [  # (column, source key, higher is better; None: no best value)
 ]
 BASE_FACTORS = ["model", "method", "ember"]
 # overrides that are not factors of a result: seeds and concept selections are averaged over, the rest
-# is bookkeeping
-IGNORED_OVERRIDES = ("seed", "concepts", "hydra", "overwrite", "progress", "logger", "cache_dir")
+# is bookkeeping, and the keys the stage hashes leave out (data paths, batch sizes: pipeline.NON_RESULT_KEYS)
+IGNORED_OVERRIDES = ("seed", "concepts", "hydra", "overwrite", "progress", "logger", "cache_dir", "stages",
+                     "save_erased_weights", "save_erased_weights_max_gib",
+                     "data.release_dir", "data.starter_dir", "eval.batch_size", "eval.letter_batch_size",
+                     "eval.llm_threads", "eval.llm_timeout_s", "eval.llm_api_key_env")
 _MISSING = object()
 
 
@@ -236,7 +240,7 @@ def collect(root: Path) -> pd.DataFrame:
         have = {r["concept"] for r in rows[n_before:]}
         failures = (_read(job / "results.json") or {}).get("failures") or {}
         missing = [slugify(c) for c in failures if slugify(c) not in have]
-        status = (_read(job / "job_status.json") or {}).get("status")
+        status = (_read(job / JOB_STATUS) or {}).get("status")
         if not missing and len(rows) == n_before and status != "complete":
             missing = ["-"]  # nothing at all to show for this job
         rows += [{**factors_, "concept": c, "failed_stages": "job"} for c in missing]
@@ -422,7 +426,7 @@ TRADEOFF = [(c, k) for c, k, _ in COLUMNS if k.startswith("evaluate/") and c != 
 
 def _delta_sweep_plot(ax: Any, df: pd.DataFrame) -> bool:
     """The trade-off over a sweep of ``ember.delta``: the evaluate metrics (test split) against delta."""
-    d = df[df["ember"] == "w/ EMBER"].copy()
+    d = df[df["ember"].astype(str).str.startswith("w/ EMBER")].copy()  # ember=on, paper, study_best, ...
     d["_delta"] = pd.to_numeric(d["ember.delta"], errors="coerce")
     d = d.dropna(subset=["_delta"])
     metrics = [(c, k) for c, k in TRADEOFF if k in d and pd.to_numeric(d[k], errors="coerce").notna().any()]

@@ -32,10 +32,10 @@ from ember.config import model_preset  # noqa: E402
 from ember.data import ConceptStore, background_sentences  # noqa: E402
 from ember.features import count_tokens, effective_embeddings, label_tokens  # noqa: E402
 from ember.models import load_model  # noqa: E402
-from ember.paths import STARTER_DIR  # noqa: E402
+from ember.paths import SCRIPT_RELEASE_DIR, STARTER_DIR, require_script_release  # noqa: E402
 
 #: the paper's concept data, read in place (never copied); EMBER_RELEASE_DIR points elsewhere
-RELEASE = Path(os.environ.get("EMBER_RELEASE_DIR", str(ROOT.parent / "shared" / "ember-release")))
+RELEASE = SCRIPT_RELEASE_DIR
 
 
 @dataclass
@@ -845,9 +845,8 @@ def main() -> None:
     unknown = [n for n in names if n not in BENCHES]
     if unknown:
         ap.error(f"--only {','.join(unknown)}: unknown; choose from {','.join(BENCHES)}")
-    if NEEDS_RELEASE & set(names) and not (RELEASE / "concept_sentences.json").exists():
-        ap.error(f"{', '.join(sorted(NEEDS_RELEASE & set(names)))} read the paper's concept data, which is not at "
-                 f"{RELEASE}: put ember-release at ../shared/ember-release or set EMBER_RELEASE_DIR")
+    if NEEDS_RELEASE & set(names):
+        require_script_release(f"bench {', '.join(sorted(NEEDS_RELEASE & set(names)))}: these read")
     t0 = time.perf_counter()
     rows: list[Row] = []
     for n in names:

@@ -72,11 +72,12 @@ from ember.features import (  # noqa: E402
     key_term_token_ids,
     select_features,
 )
+from ember.paths import SCRIPT_RELEASE_DIR, require_script_release  # noqa: E402
 
 log = logging.getLogger("selection_study")
 
 STARTER = ROOT / "ember" / "data" / "starter"
-RELEASE = Path(os.environ.get("EMBER_RELEASE_DIR", str(ROOT.parent / "shared" / "ember-release")))
+RELEASE = SCRIPT_RELEASE_DIR
 OUT = ROOT / "outputs" / "study"
 DOCS = ROOT / "docs" / "study"
 TEMPLATE = "Question: {q}\nAnswer:"
@@ -853,9 +854,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for noisy in ("httpx", "sentence_transformers", "transformers", "ember"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
-    if not (RELEASE / "concept_sentences.json").exists():
-        raise SystemExit(f"the study reads the paper's concept data, which is not at {RELEASE}: put ember-release at "
-                         "../shared/ember-release or set EMBER_RELEASE_DIR")
+    require_script_release("the study reads")
     points = Points(OUT / "points.jsonl")
     if not args.report_only:
         cache = ArtifactCache(Path(os.environ.get("EMBER_CACHE", Path.home() / ".cache" / "ember")))

@@ -520,6 +520,7 @@ def test_a_job_directory_runs_in_one_process_at_a_time(tmp_path):
                               check=False)
         assert proc.returncode != 0 and "being run by another process" in proc.stdout + proc.stderr
         assert not (job / "results.json").exists()
+        assert not (job / "job_status.json").exists()  # the holder's to write: a refusal is no failure of the job
     assert not (job / ".running.json").exists()
     with job_lock(job):  # released: the next launch runs
         pass

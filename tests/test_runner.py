@@ -587,7 +587,10 @@ def test_a_sweep_over_experiments_summarises_each_experiments_directory(tmp_path
         ret = JobReturn(overrides=[f"experiment={exp}"], status=JobStatus.COMPLETED)
         # under joblib or submitit each job ends in a worker's own copy of the callback, not the submitter's
         (SweepSummary() if workers else cb).on_job_end(cfg, ret)
-    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "outputs/main"}}}))
+    (tmp_path / "outputs" / "other_users_sweep").mkdir()  # written meanwhile, not part of this sweep
+    (tmp_path / "outputs" / "other_users_sweep" / "sweep_status.json").write_text("{}")
+    cb.on_multirun_end(OmegaConf.create({"hydra": {"sweep": {"dir": "outputs/main"},
+                                                   "overrides": {"task": ["experiment=smoke,ablation_rank"]}}}))
     out = capsys.readouterr().out
     assert "sweep outputs/smoke: 1 ok" in out and "sweep outputs/ablation_rank: 1 ok" in out, out
-    assert "outputs/main" not in out
+    assert "outputs/main" not in out and "other_users_sweep" not in out

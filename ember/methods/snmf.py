@@ -31,6 +31,7 @@ its side entirely (both 0: the model is not touched, bit for bit). gate_proj is 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import time
@@ -227,6 +228,18 @@ FIT_KEYS = ("rank", "f_sparsity", "reg", "reg_tries", "max_iter", "stopping", "t
             "plateau_patience")
 
 
+@functools.cache
+def _fit_code_version() -> str:
+    """The code an MLP factorization depends on (this module's activation collection and labels, the Semi-NMF
+    fit, the token labels), not the training loop or the grid protocol: the fits are the expensive part."""
+    import sys
+
+    from ember import factorize, features
+    from ember.cache import source_digest
+
+    return source_digest([sys.modules[__name__], factorize, features])
+
+
 @register_method
 class SNMF(Method):
     name = "snmf"
@@ -282,12 +295,10 @@ class SNMF(Method):
 
     def _layer_factors(self, ctx: MethodContext, layer: int, texts: list[str], n_concept: int, data_key: str,
                        fps: WeightFingerprints) -> dict[str, Any]:
-        from ember.code_versions import method_code_version
-
         p = self.params
         key = {"model": ctx.facts.name, "source": ctx.facts.source, "weights": fps.upstream_of_mlp(ctx.model, layer),
                "layer": layer, "data": data_key, "labels": p["occurrence_labels"], "max_length": p["max_length"],
-               "activation_dtype": p["activation_dtype"], "code": method_code_version(self.name),
+               "activation_dtype": p["activation_dtype"], "code": _fit_code_version(),
                "seed": ctx.seed, **{k: p[k] for k in FIT_KEYS}}
 
         def build() -> dict[str, Any]:
