@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import time
 
 import pytest
 
@@ -50,8 +51,14 @@ def test_wandb_offline_relaunch_continues_the_same_run_id(tmp_path, monkeypatch)
     for r in runs:
         logs = list(r.glob(f"run-{ids[0]}.wandb"))
         assert len(logs) == 1, list(r.iterdir())
-        rec = [x.run for x in jobs.wandb_records(logs[0]) if x.WhichOneof("record_type") == "run"]
-        assert rec and rec[0].run_id == ids[0] and rec[0].display_name == "main/job"
+        # W&B's service process writes the log behind finish(): under load (a CI run) the file can still
+        # hold only its header when finish returns, so read until the run record is there (30 s at most)
+        deadline, rec = time.monotonic() + 30, []
+        while not rec and time.monotonic() < deadline:
+            rec = [x.run for x in jobs.wandb_records(logs[0]) if x.WhichOneof("record_type") == "run"]
+            if not rec:
+                time.sleep(0.5)
+        assert rec and rec[0].run_id == ids[0] and rec[0].display_name == "main/job", logs[0].stat().st_size
 
 
 def test_slurm_gpu_launcher_preset_composes():
