@@ -142,8 +142,8 @@ class SweepSummary(Callback):
         # this callback: find them by the summaries they wrote during this sweep (a sweep over experiment=)
         swept = [v for o in (OmegaConf.select(config, "hydra.overrides.task") or []) if str(o).startswith("experiment=")
                  for v in str(o).split("=", 1)[1].split(",")]  # each experiment's name is its directory's
-        elsewhere = [main.parent / e for e in swept if self._started and (main.parent / e / "sweep_status.json").exists()
-                     and (main.parent / e / "sweep_status.json").stat().st_mtime >= self._started]
+        summaries = [main.parent / e / "sweep_status.json" for e in swept]
+        elsewhere = [p.parent for p in summaries if self._started and p.exists() and p.stat().st_mtime >= self._started]
         dirs = list(dict.fromkeys([main, *self._sweep_dirs, *sorted(elsewhere)]))
         has_jobs = {d: bool(job_dirs(d)) for d in dirs}  # one directory scan each
         for sweep_dir in has_jobs:

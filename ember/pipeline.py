@@ -30,7 +30,7 @@ from ember.errors import ConfigError, EmberError, ModelUnavailableError
 from ember.locking import atomic_write_json, atomic_write_text, job_lock
 from ember.paths import cache_root
 from ember.seeding import seed_everything
-from ember.stages import stages_wanted
+from ember.stages import NON_RESULT_KEYS, stages_wanted
 from ember.tracking import JobFiles, WandbLogger
 
 log = logging.getLogger("ember")
@@ -81,12 +81,6 @@ STAGE_SECTIONS: dict[str, tuple[str, ...]] = {
     "evaluate": _ERASED,
     "attacks": (*_ERASED, "attacks"),
     "relearn": (*_ERASED, "relearn"),
-}
-#: keys inside those sections that say where data lives or how work is batched, not what a stage computes
-#: (the data's content has its own fingerprint)
-NON_RESULT_KEYS: dict[str, tuple[str, ...]] = {
-    "data": ("release_dir", "starter_dir"),
-    "eval": ("batch_size", "letter_batch_size", "llm_threads", "llm_timeout_s", "llm_api_key_env"),
 }
 
 

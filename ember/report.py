@@ -34,6 +34,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from ember.callbacks import JOB_STATUS
 from ember.data import slugify
 from ember.evals.metrics import recovered_fraction
+from ember.stages import NON_RESULT_KEYS
 
 COLUMNS = [  # (column, source key, higher is better; None: no best value)
     ("efficacy", "evaluate/efficacy", True),
@@ -50,11 +51,10 @@ COLUMNS = [  # (column, source key, higher is better; None: no best value)
 ]
 BASE_FACTORS = ["model", "method", "ember"]
 # overrides that are not factors of a result: seeds and concept selections are averaged over, the rest
-# is bookkeeping, and the keys the stage hashes leave out (data paths, batch sizes: pipeline.NON_RESULT_KEYS)
+# is bookkeeping, and the keys the stage hashes leave out (data paths, batch sizes: stages.NON_RESULT_KEYS)
 IGNORED_OVERRIDES = ("seed", "concepts", "hydra", "overwrite", "progress", "logger", "cache_dir", "stages",
                      "save_erased_weights", "save_erased_weights_max_gib",
-                     "data.release_dir", "data.starter_dir", "eval.batch_size", "eval.letter_batch_size",
-                     "eval.llm_threads", "eval.llm_timeout_s", "eval.llm_api_key_env")
+                     *(f"{section}.{key}" for section, keys in NON_RESULT_KEYS.items() for key in keys))
 _MISSING = object()
 
 

@@ -188,10 +188,10 @@ def test_cuda_on_a_machine_without_it_fails_before_any_load() -> None:
 
 
 def test_settings_that_change_no_result_keep_the_job_directorys_name() -> None:
-    """pipeline.NON_RESULT_KEYS (data paths, batch sizes, the LLM judge's plumbing) are left out of the
+    """stages.NON_RESULT_KEYS (data paths, batch sizes, the LLM judge's plumbing) are left out of the
     stage hashes; they must stay out of the directory name too, or a relaunch with a smaller batch after
     an out-of-memory error would start over in a new directory."""
-    from ember.pipeline import NON_RESULT_KEYS
+    from ember.stages import NON_RESULT_KEYS
 
     excluded = set(OmegaConf.load(CONF_DIR / "config.yaml").hydra.job.config.override_dirname.exclude_keys)
     missing = {f"{section}.{key}" for section, keys in NON_RESULT_KEYS.items() for key in keys} - excluded

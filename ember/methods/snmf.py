@@ -232,12 +232,12 @@ FIT_KEYS = ("rank", "f_sparsity", "reg", "reg_tries", "max_iter", "stopping", "t
 def _fit_code_version() -> str:
     """The code an MLP factorization depends on (this module's activation collection and labels, the Semi-NMF
     fit, the token labels), not the training loop or the grid protocol: the fits are the expensive part."""
+    import importlib
     import sys
 
-    from ember import factorize, features
     from ember.cache import source_digest
 
-    return source_digest([sys.modules[__name__], factorize, features])
+    return source_digest([sys.modules[__name__], *(importlib.import_module(m) for m in SNMF.code_modules)])
 
 
 @register_method
